@@ -1,0 +1,510 @@
+"""``LatentDiffusionPipeline``: text-to-image sampling with the three separately trained stages.
+
+    pipe = LatentDiffusionPipeline.from_pretrained("runs/demo/pipeline")
+    image = pipe("a red circle left of a blue square", num_inference_steps=50, guidance_scale=4.0).images[0]
+
+Components: ``tokenizer`` + ``text_encoder`` (CLIP or T5, stage 1), ``vae`` (``AutoencoderKL``, stage 2),
+``unet`` (``UNet2DConditionModel``, stage 3) and a ``scheduler`` (any Diffusers noise scheduler). Sampling:
+
+    c = text_encoder(tokenize(prompt)),  c_0 = text_encoder(tokenize(negative_prompt or ""))
+    z_T ~ N(0, I) · init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = eps_u + w · (eps_c - eps_u),   [eps_u, eps_c] = unet([z_t, z_t], t, [c_0, c])   (w = guidance_scale)
+        z_{t-1} = scheduler.step(eps, t, z_t)
+    image = vae.decode(z_0 / scaling_factor + shift_factor)
+
+With CLIP components and the same scheduler and generator the result equals Diffusers'
+``StableDiffusionPipeline`` (same random draws, same operations, same order).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import is_xformers_available
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel
+
+from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
+from ldm_pipeline.schedulers import scheduler_from_name
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MODEL_INDEX = "model_index.json"
+CLASS_FILE = "pipeline_latent_diffusion"
+CLASS_FILE_SOURCE = '''"""Lets ``DiffusionPipeline.from_pretrained(this_directory, trust_remote_code=True)`` find the pipeline
+class; the class itself lives in the installed ``ldm_pipeline`` package."""
+
+from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline  # noqa: F401
+'''
+
+
+class LatentDiffusionPipeline(DiffusionPipeline):
+    r"""Text-to-image latent diffusion (Rombach et al. 2022) with classifier-free guidance.
+
+    Args:
+        vae (`AutoencoderKL`): decodes latents to images; ``config.scaling_factor`` (and ``shift_factor`` if set)
+            map U-Net latents back to VAE latents.
+        text_encoder (`CLIPTextModel` or `T5EncoderModel`): its ``last_hidden_state`` is the cross-attention context.
+        tokenizer (`PreTrainedTokenizerBase`): pads every prompt to ``model_max_length``.
+        unet (`UNet2DConditionModel`): the noise predictor; ``cross_attention_dim`` equals the encoder's width.
+        scheduler (`SchedulerMixin`): any Diffusers scheduler (swap with ``set_scheduler(name)`` or
+            ``Scheduler.from_config(pipe.scheduler.config)``).
+
+    ``save_pretrained(dir)`` writes ``model_index.json`` and one folder per component;
+    ``LatentDiffusionPipeline.from_pretrained(dir)`` loads it back, and so does
+    ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` (through a one-line file in ``dir`` that
+    imports this class).
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel | T5EncoderModel,
+        tokenizer: PreTrainedTokenizerBase,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+    ):
+        super().__init__()
+        if getattr(scheduler.config, "clip_sample", False):
+            logger.warning(
+                f"{scheduler.__class__.__name__} has clip_sample=True, which clips the predicted x_0 to [-1, 1]; "
+                "latents are not in that range. Create it with clip_sample=False."
+            )
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ------------------------------------------------------------------------------------ saving and loading
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """``DiffusionPipeline.save_pretrained`` plus the record of where the class lives.
+
+        ``model_index.json`` gets ``"_class_name": ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]`` (the
+        Diffusers convention for a pipeline defined outside Diffusers) and ``pipeline_latent_diffusion.py``, which
+        imports this class, is written beside it.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        model_index_path = Path(save_directory) / MODEL_INDEX
+        model_index = json.loads(model_index_path.read_text())
+        model_index["_class_name"] = [CLASS_FILE, self.__class__.__name__]
+        model_index_path.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+        (Path(save_directory) / f"{CLASS_FILE}.py").write_text(CLASS_FILE_SOURCE)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "LatentDiffusionPipeline":
+        """Load a pipeline directory written by ``save_pretrained`` (or a Hub repo id); kwargs as in Diffusers
+        (``torch_dtype``, component overrides such as ``scheduler=...``)."""
+        path = Path(pretrained_model_name_or_path).expanduser()
+        if path.is_dir():
+            if not (path / MODEL_INDEX).is_file():
+                raise FileNotFoundError(
+                    f"{path} holds no pipeline: there is no {MODEL_INDEX} in it. Pass the directory written by "
+                    "LatentDiffusionPipeline.save_pretrained (the U-Net stage's --output_dir)."
+                )
+        elif path.exists() or path.is_absolute() or str(pretrained_model_name_or_path).startswith((".", "~")):
+            raise FileNotFoundError(
+                f"{pretrained_model_name_or_path} is not a pipeline directory (it does not exist or is a file)."
+            )
+        return super().from_pretrained(str(path) if path.is_dir() else pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """``model_index.json`` with ``_class_name`` as a plain name, so that loading through this class uses
+        this class (and runs no code from the pipeline directory)."""
+        outputs = super().load_config(*args, **kwargs)
+        config = outputs[0] if isinstance(outputs, tuple) else outputs
+        if isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = config["_class_name"][-1]
+        return outputs
+
+    # ------------------------------------------------------------------------------------ conveniences
+
+    def set_scheduler(self, name: str) -> None:
+        """Replace the scheduler by the one called ``name`` (see ``ldm_pipeline.schedulers``) on the same noise
+        schedule."""
+        self.scheduler = scheduler_from_name(name, self.scheduler.config)
+
+    def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> bool:
+        """Use xFormers attention when it is installed and the pipeline runs on CUDA; otherwise log why not and
+        keep PyTorch's ``scaled_dot_product_attention`` (also memory-efficient). Returns whether xFormers is on."""
+        if not is_xformers_available():
+            reason = "xformers is not installed"
+        elif not torch.cuda.is_available():
+            reason = "CUDA is not available"
+        elif self.unet.device.type != "cuda":
+            reason = f"the pipeline is on {self.unet.device.type}, xformers needs CUDA (call .to('cuda') first)"
+        else:
+            super().enable_xformers_memory_efficient_attention(attention_op)
+            return True
+        logger.warning(
+            f"xFormers memory-efficient attention is not enabled: {reason}. "
+            "Keeping PyTorch scaled_dot_product_attention (SDPA)."
+        )
+        return False
+
+    # ------------------------------------------------------------------------------------ properties
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Guidance ``eps_u + w (eps_c - eps_u)`` is on for ``w > 1``; ``w <= 1`` runs the conditional batch only."""
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    # ------------------------------------------------------------------------------------ building blocks
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(prompt_embeds, negative_prompt_embeds)``, each ``[batch · num_images_per_prompt, L, D]``; the negative
+        ones (the empty prompt unless ``negative_prompt`` is given) only with classifier-free guidance."""
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            batch_size = len(prompts)
+        else:
+            batch_size = prompt_embeds.shape[0]
+
+        if prompt_embeds is None:
+            text_inputs = tokenize_prompts(self.tokenizer, prompts)
+            prompt_embeds = encode_prompts(self.text_encoder, text_inputs.input_ids, text_inputs.attention_mask)
+
+        embeds_dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        prompt_embeds = prompt_embeds.to(dtype=embeds_dtype, device=device)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+        if not do_classifier_free_guidance:
+            return prompt_embeds, None
+
+        if negative_prompt_embeds is None:
+            if negative_prompt is None:
+                negative_prompts = [""] * batch_size
+            elif isinstance(negative_prompt, str):
+                negative_prompts = [negative_prompt] * batch_size
+            else:
+                negative_prompts = list(negative_prompt)
+            negative_inputs = tokenize_prompts(self.tokenizer, negative_prompts)
+            negative_prompt_embeds = encode_prompts(
+                self.text_encoder, negative_inputs.input_ids, negative_inputs.attention_mask
+            )
+            if negative_prompt_embeds.shape[1:] != prompt_embeds.shape[1:]:
+                raise ValueError(
+                    f"prompt_embeds have shape {tuple(prompt_embeds.shape[1:])} per prompt but the text encoder gives "
+                    f"{tuple(negative_prompt_embeds.shape[1:])}: pass negative_prompt_embeds of the same shape."
+                )
+        negative_prompt_embeds = negative_prompt_embeds.to(dtype=embeds_dtype, device=device)
+        negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``z_T = n · init_noise_sigma`` with ``n ~ N(0, I)`` drawn from ``generator`` (or ``n = latents``)."""
+        shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got {len(generator)} generators for {batch_size} images (prompts × num_images_per_prompt): pass one "
+                "generator or exactly one per image."
+            )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(
+                    f"latents have shape {tuple(latents.shape)}, expected {shape} "
+                    "(images, unet.config.in_channels, height // vae_scale_factor, width // vae_scale_factor)."
+                )
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
+        """``eta`` and ``generator`` for the schedulers whose ``step`` takes them (DDIM-style ``eta``)."""
+        step_parameters = set(inspect.signature(self.scheduler.step).parameters)
+        extra_step_kwargs = {}
+        if "eta" in step_parameters:
+            extra_step_kwargs["eta"] = eta
+        elif eta:
+            logger.warning(f"eta={eta} is ignored: {self.scheduler.__class__.__name__}.step takes no eta.")
+        if "generator" in step_parameters:
+            extra_step_kwargs["generator"] = generator
+        return extra_step_kwargs
+
+    def decode_latents(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
+        """Images in [-1, 1] from U-Net latents: ``vae.decode(z / scaling_factor + shift_factor)``."""
+        latents = latents / self.vae.config.scaling_factor
+        shift_factor = getattr(self.vae.config, "shift_factor", None)
+        if shift_factor is not None:
+            latents = latents + shift_factor
+        return self.vae.decode(latents, return_dict=False, generator=generator)[0]
+
+    def default_height_width(self) -> tuple[int, int]:
+        sample_size = self.unet.config.sample_size
+        height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+        return height * self.vae_scale_factor, width * self.vae_scale_factor
+
+    def check_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        num_inference_steps,
+        num_images_per_prompt,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
+        """Raise ``ValueError`` naming the first argument that cannot work."""
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass a `prompt` (a string or a list of strings) or `prompt_embeds`.")
+        if prompt is not None:
+            if not isinstance(prompt, (str, list, tuple)):
+                raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+            if not isinstance(prompt, str):
+                if len(prompt) == 0:
+                    raise ValueError("`prompt` is an empty list: pass at least one prompt.")
+                if not all(isinstance(p, str) for p in prompt):
+                    raise ValueError("`prompt` must be a string or a list of strings.")
+        if prompt_embeds is not None and prompt_embeds.ndim != 3:
+            raise ValueError(f"`prompt_embeds` must be [batch, sequence, dim], got shape {tuple(prompt_embeds.shape)}.")
+
+        factor = self.vae_scale_factor
+        for name, size in (("height", height), ("width", width)):
+            if not isinstance(size, int) or size <= 0 or size % factor != 0:
+                nearest = max(factor, round(size / factor) * factor) if isinstance(size, (int, float)) else factor
+                raise ValueError(
+                    f"`{name}`={size} must be a positive multiple of {factor} (the VAE's downsampling factor, "
+                    f"2 ** (len(vae.config.block_out_channels) - 1)): use e.g. {nearest}."
+                )
+        if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt <= 0:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+            if len(negative_prompt) != batch_size:
+                raise ValueError(
+                    f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch_size} prompts: pass "
+                    "one negative prompt per prompt, or a single string for all."
+                )
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
+                    f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
+                )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unknown `output_type` {output_type!r}: choose one of {OUTPUT_TYPES}.")
+        unknown_inputs = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown_inputs:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` {unknown_inputs} are not available: choose from "
+                f"{self._callback_tensor_inputs}."
+            )
+
+    # ------------------------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images for ``prompt``.
+
+        Args:
+            prompt (`str` or `list[str]`): the prompt(s); or pass `prompt_embeds` instead.
+            height, width (`int`, defaults to ``unet.config.sample_size * vae_scale_factor``): image size in pixels,
+                multiples of ``vae_scale_factor``.
+            num_inference_steps (`int`, defaults to 50): scheduler steps.
+            guidance_scale (`float`, defaults to 7.5): ``w`` in ``eps_u + w (eps_c - eps_u)``; ``w <= 1`` disables
+                classifier-free guidance (one U-Net batch per step instead of two).
+            negative_prompt (`str` or `list[str]`): replaces the empty prompt of the unconditional branch.
+            num_images_per_prompt (`int`, defaults to 1): images per prompt.
+            eta (`float`, defaults to 0.0): DDIM's ``η``; ``σ_t = η sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev)``.
+                Passed to schedulers whose ``step`` takes it, ignored (with a warning) by the rest.
+            generator (`torch.Generator` or a list, one per image): makes sampling reproducible.
+            latents (`torch.Tensor`): the initial noise ``n`` (``z_T = n · init_noise_sigma``), shape
+                ``[images, in_channels, height / f, width / f]``.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor` ``[batch, L, D]``): precomputed text embeddings.
+            output_type (`str`): ``"pil"`` (list of PIL images), ``"np"`` (``[N, H, W, 3]`` in [0, 1]), ``"pt"``
+                (``[N, 3, H, W]`` in [0, 1]) or ``"latent"`` (the final latents, not decoded).
+            return_dict (`bool`): return an `ImagePipelineOutput` rather than the tuple ``(images,)``.
+            callback_on_step_end (`Callable` or `PipelineCallback`): called after every step as
+                ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict``; returned
+                ``"latents"``/``"prompt_embeds"``/``"negative_prompt_embeds"`` replace the current ones. As in
+                Diffusers, ``prompt_embeds`` is the U-Net's context: ``[negative; positive]`` under guidance.
+            callback_on_step_end_tensor_inputs (`list[str]`): the tensors put into ``callback_kwargs``.
+
+        Returns:
+            `ImagePipelineOutput` with ``.images``, or ``(images,)`` when ``return_dict`` is False.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 0. Default height and width from the U-Net's sample size
+        default_height, default_width = self.default_height_width()
+        height, width = height or default_height, width or default_width
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            num_inference_steps,
+            num_images_per_prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+
+        # 2. Batch size and device
+        if prompt is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        device = self._execution_device
+
+        # 3. Encode the prompts; with guidance the U-Net sees [unconditional; conditional] in one batch
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+        )
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+
+        # 4. Timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+
+        # 5. Initial latents
+        latents = self.prepare_latents(
+            batch_size * num_images_per_prompt,
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
+
+        # 6. Scheduler step arguments (eta, generator)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        # 7. Denoising loop
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+
+                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+
+                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+
+                if self.do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    available = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+
+        # 8. Decode
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.decode_latents(latents, generator=generator)
+            image = self.image_processor.postprocess(
+                image, output_type=output_type, do_denormalize=[True] * image.shape[0]
+            )
+
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)

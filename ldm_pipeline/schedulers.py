@@ -1,0 +1,80 @@
+"""Sampling schedulers by name, built from any Diffusers scheduler config.
+
+    scheduler = scheduler_from_name("dpm++", pipe.scheduler.config)
+    pipe.scheduler = scheduler              # or pipe.set_scheduler("dpm++")
+
+Every scheduler shares the training noise schedule (``num_train_timesteps``, ``beta_*``, ``prediction_type``)
+recorded in the config; only the sampling rule changes. This is the same as
+``SchedulerClass.from_config(pipe.scheduler.config)`` plus the few overrides a name implies (DPM-Solver++'s
+``algorithm_type``). Latents are not confined to [-1, 1], so ``clip_sample`` is False unless the config says
+otherwise (Diffusers' DDPM/DDIM default is pixel-space True).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "kdpm2": (KDPM2DiscreteScheduler, {}),
+    "kdpm2_a": (KDPM2AncestralDiscreteScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "dpm++_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm_singlestep": (DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "deis": (DEISMultistepScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+ALIASES = {
+    "dpmsolver++": "dpm++",
+    "dpm++_2m": "dpm++",
+    "dpmsolver++_sde": "dpm++_sde",
+    "dpm++_2m_sde": "dpm++_sde",
+    "euler_ancestral": "euler_a",
+    "k_lms": "lms",
+    "kdpm2_ancestral": "kdpm2_a",
+}
+SCHEDULER_NAMES = tuple(SCHEDULERS) + tuple(ALIASES)
+
+
+def scheduler_from_name(name: str, config: Mapping[str, Any] | SchedulerMixin | None = None) -> SchedulerMixin:
+    """The scheduler called ``name`` (case-insensitive, ``-`` same as ``_``) on the noise schedule of ``config``.
+
+    ``config`` is a scheduler config (``pipe.scheduler.config``), a scheduler, or None for Diffusers' defaults.
+    Unknown names raise ``ValueError`` listing the valid ones.
+    """
+    key = str(name).strip().lower().replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {name!r}: choose one of {', '.join(SCHEDULER_NAMES)}.")
+    scheduler_class, overrides = SCHEDULERS[key]
+    if isinstance(config, SchedulerMixin):
+        config = config.config
+    config = dict(config or {})
+    overrides = dict(overrides)
+    if "clip_sample" in inspect.signature(scheduler_class.__init__).parameters and "clip_sample" not in config:
+        overrides["clip_sample"] = False
+    return scheduler_class.from_config(config, **overrides)

@@ -1,0 +1,333 @@
+"""Stage 1: a tokenizer and a text encoder (CLIP or T5) trained from scratch with a CLIP contrastive objective.
+
+The text tower is a ``transformers`` ``CLIPTextModel`` or ``T5EncoderModel`` (chosen by the config's
+``"architecture"``); the image tower is a small CNN that exists only to train it. Both map into a joint space
+where matching caption/image pairs have a high cosine similarity:
+
+    t_i = normalize(W_text · pool(text_encoder(caption_i)))      i = 1..B
+    v_j = normalize(image_tower(image_j))
+    logits_ij = exp(s) · <t_i, v_j>                               s = learnable log logit scale
+    loss = ½ · [CE(logits, targets) + CE(logitsᵀ, targetsᵀ)]
+
+Only the text encoder and the tokenizer are used downstream (the U-Net cross-attends to
+``last_hidden_state``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
+
+ARCHITECTURES = ("clip", "t5")
+PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<unk>", "<s>", "</s>"
+SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN)  # ids 0, 1, 2, 3 in a trained vocabulary
+
+
+# --------------------------------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(
+    captions: Iterable[str],
+    vocab_size: int,
+    model_max_length: int,
+    min_frequency: int = 1,
+) -> PreTrainedTokenizerFast:
+    """Learn a lower-casing WordPiece tokenizer (``tokenizers`` library) from ``captions``.
+
+    Captions are normalised (NFD, lower case, accents stripped) and split into words and punctuation. The
+    vocabulary is: the special tokens ``<pad> <unk> <s> </s>`` (ids 0-3), every character seen (as a word start
+    ``c`` and as a continuation ``##c``, so an unseen word still encodes, letter by letter), then whole words
+    seen at least ``min_frequency`` times, most frequent first (ties alphabetical) until ``vocab_size``.
+    Unlike the library's ``WordPieceTrainer``, whose merges break ties in hash-map order, the same captions
+    always give the same vocabulary.
+
+    Every encoding is ``<s> tokens </s>``; padding uses ``<pad>`` on the right; truncation to
+    ``model_max_length`` keeps ``</s>`` (the CLIP text model pools at the first ``</s>``). Save it with
+    ``save_pretrained`` and load it back with ``AutoTokenizer.from_pretrained``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    if model_max_length < 3:
+        raise ValueError(f"model_max_length={model_max_length}: it must leave room for <s>, one token and </s>.")
+    normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    word_counts: Counter[str] = Counter()
+    for caption in captions:
+        if caption:
+            word_counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)))
+    if not word_counts:
+        raise ValueError("train_tokenizer got no non-empty captions: check the dataset's caption column.")
+
+    characters = sorted({character for word in word_counts for character in word})
+    vocab = list(SPECIAL_TOKENS) + characters + [f"##{character}" for character in characters]
+    if vocab_size < len(vocab):
+        raise ValueError(
+            f"vocab_size={vocab_size} cannot hold the {len(SPECIAL_TOKENS)} special tokens and the "
+            f"{2 * len(characters)} character pieces of these captions: raise it to at least {len(vocab)}."
+        )
+    known = set(vocab)
+    frequent_words = sorted((w for w, n in word_counts.items() if n >= min_frequency and w not in known),
+                            key=lambda w: (-word_counts[w], w))
+    vocab += frequent_words[: vocab_size - len(vocab)]
+
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token=UNK_TOKEN))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece()
+    bos_id, eos_id = vocab.index(BOS_TOKEN), vocab.index(EOS_TOKEN)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
+        pair=f"{BOS_TOKEN} $A {EOS_TOKEN} $B:1 {EOS_TOKEN}:1",
+        special_tokens=[(BOS_TOKEN, bos_id), (EOS_TOKEN, eos_id)],
+    )
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        model_max_length=model_max_length,
+        padding_side="right",
+    )
+
+
+# ------------------------------------------------------------------------------------------------ text encoder
+
+
+def build_text_encoder(model_config: dict, tokenizer: PreTrainedTokenizerBase) -> CLIPTextModel | T5EncoderModel:
+    """A randomly initialised text encoder sized by ``model_config`` with ids taken from ``tokenizer``.
+
+    ``model_config["architecture"]`` is ``"clip"`` (``CLIPTextConfig`` kwargs in ``model_config["text_encoder"]``)
+    or ``"t5"`` (``T5Config`` kwargs). Vocabulary size and pad/bos/eos ids always come from the tokenizer; the
+    CLIP position table defaults to ``tokenizer.model_max_length`` entries.
+    """
+    architecture = model_config.get("architecture")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f'model.architecture is {architecture!r}: set it to one of {list(ARCHITECTURES)} in the config.')
+    kwargs = dict(model_config.get("text_encoder", {}))
+    for token in ("pad_token", "eos_token"):
+        if getattr(tokenizer, token) is None:
+            raise ValueError(f"The tokenizer has no {token}: train it with train_tokenizer or set one.")
+    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+    if architecture == "clip":
+        if tokenizer.eos_token_id == 2:
+            raise ValueError(
+                "CLIPTextModel treats eos_token_id == 2 as a legacy config and pools at the largest token id "
+                "instead of at </s>: use a tokenizer whose </s> id is not 2 (train_tokenizer gives 3)."
+            )
+        kwargs.setdefault("max_position_embeddings", tokenizer.model_max_length)
+        if kwargs["max_position_embeddings"] < tokenizer.model_max_length:
+            raise ValueError(
+                f"model.text_encoder.max_position_embeddings={kwargs['max_position_embeddings']} is smaller than the "
+                f"tokenizer's model_max_length={tokenizer.model_max_length}: raise it or shorten model_max_length."
+            )
+        config = CLIPTextConfig(**kwargs, **ids, bos_token_id=tokenizer.bos_token_id)
+        return CLIPTextModel(config)
+
+    config = T5Config(**kwargs, **ids, decoder_start_token_id=tokenizer.pad_token_id, is_encoder_decoder=False, use_cache=False)
+    return T5EncoderModel(config)
+
+
+def text_hidden_size(text_encoder: CLIPTextModel | T5EncoderModel) -> int:
+    config = text_encoder.config
+    return config.d_model if config.model_type == "t5" else config.hidden_size
+
+
+def pooled_text_features(
+    text_encoder: CLIPTextModel | T5EncoderModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """One vector per caption: CLIP -> ``pooler_output`` (hidden state at the first ``</s>``, causal attention,
+    no padding mask, exactly as pipelines call it); T5 -> mean of ``last_hidden_state`` over unmasked tokens."""
+    if text_encoder.config.model_type == "t5":
+        hidden = text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    return text_encoder(input_ids=input_ids).pooler_output
+
+
+def load_pretrained_text_encoder(
+    name_or_path: str | os.PathLike,
+) -> tuple[PreTrainedTokenizerBase, CLIPTextModel | T5EncoderModel]:
+    """``(tokenizer, text_encoder)`` from a Hub name or a directory.
+
+    A directory with ``tokenizer/`` and ``text_encoder/`` sub-folders (this stage's output, a Diffusers pipeline)
+    is read from those; otherwise tokenizer and model are read from ``name_or_path`` itself. The model class
+    follows the config's ``model_type``: ``clip``/``clip_text_model`` -> ``CLIPTextModel``, ``t5``/``mt5``/``umt5``
+    -> ``T5EncoderModel``.
+    """
+    root = Path(name_or_path)
+    if root.is_dir() and (root / "text_encoder").is_dir() and (root / "tokenizer").is_dir():
+        model_path, tokenizer_path = root / "text_encoder", root / "tokenizer"
+    else:
+        if (root.is_absolute() or str(name_or_path).startswith(".")) and not root.exists():
+            raise FileNotFoundError(f"--pretrained_text_encoder {name_or_path}: no such directory.")
+        model_path = tokenizer_path = name_or_path
+    model_type = AutoConfig.from_pretrained(model_path).model_type
+    if model_type in ("clip", "clip_text_model"):
+        model_class = CLIPTextModel
+    elif model_type in ("t5", "mt5", "umt5"):
+        model_class = T5EncoderModel
+    else:
+        raise ValueError(
+            f"{name_or_path} is a {model_type!r} model: --pretrained_text_encoder expects a CLIP or a T5 checkpoint."
+        )
+    return AutoTokenizer.from_pretrained(tokenizer_path), model_class.from_pretrained(model_path)
+
+
+# ---------------------------------------------------------------------------------------- contrastive training
+
+
+class ImageTower(ModelMixin, ConfigMixin):
+    """A small CNN from images in [-1, 1] to the joint text-image space (training-only).
+
+    Each stage halves the resolution (3x3 stride-2 conv, GroupNorm, SiLU, 3x3 conv, GroupNorm, SiLU). The last
+    feature map is average-pooled to a ``pooled_size`` x ``pooled_size`` grid, not to a single vector, so where an
+    object is (captions say "left of", "above") survives into the linear projection.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        block_out_channels: tuple[int, ...] = (32, 64, 128),
+        norm_num_groups: int = 8,
+        pooled_size: int = 4,
+        projection_dim: int = 64,
+    ):
+        super().__init__()
+        stages, channels = [], in_channels
+        for out_channels in block_out_channels:
+            if out_channels % norm_num_groups:
+                raise ValueError(f"image_tower block_out_channels {out_channels} is not divisible by norm_num_groups={norm_num_groups}.")
+            stages += [
+                nn.Conv2d(channels, out_channels, 3, stride=2, padding=1),
+                nn.GroupNorm(norm_num_groups, out_channels),
+                nn.SiLU(),
+                nn.Conv2d(out_channels, out_channels, 3, padding=1),
+                nn.GroupNorm(norm_num_groups, out_channels),
+                nn.SiLU(),
+            ]
+            channels = out_channels
+        self.features = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(pooled_size), nn.Flatten())
+        self.projection = nn.Linear(channels * pooled_size * pooled_size, projection_dim)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.features(pixel_values))
+
+
+class TextImageContrastiveModel(nn.Module):
+    """Text tower + text projection + image tower + learnable logit scale, as one module for ``accelerator.prepare``.
+
+    ``forward`` returns L2-normalised ``(text_embeds, image_embeds)`` and ``logit_scale = exp(s)``, with ``s``
+    initialised to ``log(1 / 0.07)`` and clamped to at most ``log(100)`` as in CLIP.
+    """
+
+    def __init__(self, text_encoder: CLIPTextModel | T5EncoderModel, image_tower: ImageTower, projection_dim: int):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.image_tower = image_tower
+        self.text_projection = nn.Linear(text_hidden_size(text_encoder), projection_dim, bias=False)
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        if image_tower.config.projection_dim != projection_dim:
+            raise ValueError(
+                f"image_tower.projection_dim={image_tower.config.projection_dim} differs from projection_dim={projection_dim}."
+            )
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_projection(pooled_text_features(self.text_encoder, input_ids, attention_mask)), dim=-1)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_tower(pixel_values), dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
+        logit_scale = self.log_logit_scale.clamp(max=math.log(100.0)).exp()
+        return self.encode_text(input_ids, attention_mask), self.encode_image(pixel_values), logit_scale
+
+
+def build_contrastive_model(model_config: dict, tokenizer: PreTrainedTokenizerBase) -> TextImageContrastiveModel:
+    """Text encoder (``build_text_encoder``) + ``ImageTower(**model_config["image_tower"])`` joined in
+    ``model_config["projection_dim"]`` dimensions."""
+    projection_dim = model_config.get("projection_dim", 64)
+    image_tower = ImageTower(**{**model_config.get("image_tower", {}), "projection_dim": projection_dim})
+    return TextImageContrastiveModel(build_text_encoder(model_config, tokenizer), image_tower, projection_dim)
+
+
+def same_caption_matrix(captions: Sequence[str]) -> torch.Tensor:
+    """Boolean ``[B, B]`` matrix, ``True`` where caption i equals caption j."""
+    ids = {caption: index for index, caption in enumerate(dict.fromkeys(captions))}
+    labels = torch.tensor([ids[caption] for caption in captions])
+    return labels[:, None] == labels[None, :]
+
+
+def contrastive_loss(
+    text_embeds: torch.Tensor,
+    image_embeds: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    same_caption: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP) loss of L2-normalised embeddings.
+
+    ``logits_ij = logit_scale · <t_i, v_j>`` and ``loss = ½ · [CE(logits, T) + CE(logitsᵀ, Tᵀ)]`` with
+    ``CE(X, T) = -1/B · Σ_i Σ_j T_ij · log softmax_j(X_i)``. Without ``same_caption``, ``T`` is the identity
+    (plain CLIP). With it, image j is a correct answer for caption i whenever the two captions are equal:
+    ``T_ij = same_ij / Σ_k same_ik``, so duplicate captions in a batch are not pushed apart as negatives.
+    """
+    logits = logit_scale * text_embeds @ image_embeds.t()
+    if same_caption is None:
+        targets = torch.eye(len(logits), device=logits.device, dtype=logits.dtype)
+    else:
+        same = same_caption.to(device=logits.device, dtype=logits.dtype)
+        targets = same / same.sum(dim=1, keepdim=True)
+    text_to_image = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    image_to_text = -(targets.t() * logits.t().log_softmax(dim=1)).sum(dim=1).mean()
+    return (text_to_image + image_to_text) / 2
+
+
+@torch.no_grad()
+def retrieval_accuracy(
+    text_embeds: torch.Tensor,
+    image_embeds: torch.Tensor,
+    captions: Sequence[str] | None = None,
+    k: Sequence[int] = (1, 5),
+) -> dict[str, float]:
+    """Text-to-image top-k retrieval accuracy over N held-out pairs (caption i belongs to image i).
+
+    Each caption queries all N images ranked by cosine similarity. Rule for duplicates: the dataset has
+    identical captions for different images, and such images are equally right answers, so a query is a hit at
+    k when any of the k best images has a caption equal to the query's (with ``captions=None`` only image i
+    counts). Returns ``{"top1": ..., "top5": ..., "chance_top1": ...}``; ``chance_top1`` is the top-1 accuracy a
+    random ranking has in expectation, ``mean_i (#images whose caption equals caption i) / N``.
+    """
+    if text_embeds.shape != image_embeds.shape or text_embeds.ndim != 2:
+        raise ValueError(f"text_embeds {tuple(text_embeds.shape)} and image_embeds {tuple(image_embeds.shape)} must both be [N, D].")
+    num_pairs = len(text_embeds)
+    if captions is not None and len(captions) != num_pairs:
+        raise ValueError(f"Got {len(captions)} captions for {num_pairs} pairs.")
+    correct = torch.eye(num_pairs, dtype=torch.bool) if captions is None else same_caption_matrix(captions)
+    similarity = F.normalize(text_embeds.float(), dim=-1) @ F.normalize(image_embeds.float(), dim=-1).t()
+    ranking = similarity.cpu().argsort(dim=1, descending=True)
+    hits = correct.gather(1, ranking)
+    metrics = {f"top{kk}": hits[:, :kk].any(dim=1).float().mean().item() for kk in k}
+    metrics["chance_top1"] = correct.float().mean(dim=1).mean().item()
+    return metrics

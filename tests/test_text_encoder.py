@@ -1,0 +1,305 @@
+"""Stage 1: tokenizer, CLIP/T5 text encoders, contrastive loss, retrieval metric and the training script."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertConfig, BertModel, CLIPTextModel, T5EncoderModel
+
+from ldm_pipeline.text_encoder import (
+    ImageTower,
+    build_contrastive_model,
+    build_text_encoder,
+    contrastive_loss,
+    load_pretrained_text_encoder,
+    pooled_text_features,
+    retrieval_accuracy,
+    same_caption_matrix,
+    train_tokenizer,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {arch: REPO / "configs" / "tiny" / f"text_encoder_{arch}.json" for arch in ("clip", "t5")}
+CAPTIONS = [
+    "a red cat", "a blue house", "two green stars", "a red cat left of a blue house",
+    "a yellow car above a purple heart", "three orange circles", "a red cat",
+]
+
+
+def tiny_model_config(architecture: str) -> dict:
+    return json.loads(TINY[architecture].read_text())["model"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(CAPTIONS, vocab_size=100, model_max_length=12).save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trip_through_auto_tokenizer(tokenizer):
+    assert (tokenizer.pad_token, tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token) == ("<pad>", "<unk>", "<s>", "</s>")
+    assert (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2, 3)
+    assert tokenizer.model_max_length == 12
+    vocab = tokenizer.get_vocab()
+
+    encoding = tokenizer(["A Red CAT", "a red cat left of a blue house above a red cat"],
+                         padding="max_length", truncation=True, max_length=tokenizer.model_max_length)
+    short, long = encoding.input_ids
+    assert short == [2, vocab["a"], vocab["red"], vocab["cat"], 3] + [0] * 7
+    assert encoding.attention_mask[0] == [1] * 5 + [0] * 7
+    assert len(long) == 12 and long[0] == 2 and long[-1] == 3, "truncation must keep <s> ... </s>"
+    assert tokenizer.decode(short, skip_special_tokens=True) == "a red cat"
+
+
+def test_tokenizer_vocabulary_is_deterministic_and_frequency_ordered():
+    first = train_tokenizer(CAPTIONS, vocab_size=100, model_max_length=12).get_vocab()
+    assert first == train_tokenizer(CAPTIONS, vocab_size=100, model_max_length=12).get_vocab()
+    words = sorted((token for token in first if len(token) > 1 and not token.startswith(("#", "<"))), key=first.get)
+    assert words[:4] == ["cat", "red", "blue", "house"], "most frequent first, ties alphabetical"
+    # an unseen word made of seen letters is spelled with word pieces, not mapped to <unk>
+    tokenizer = train_tokenizer(CAPTIONS, vocab_size=100, model_max_length=12)
+    assert tokenizer.tokenize("car") == ["car"]
+    assert tokenizer.tokenize("rat") == ["r", "##a", "##t"]
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(CAPTIONS, vocab_size=10, model_max_length=12)
+
+
+# ------------------------------------------------------------------------------------------- text encoders
+
+
+def test_clip_text_encoder_pools_at_eos_and_ignores_padding(tokenizer):
+    encoder = build_text_encoder(tiny_model_config("clip"), tokenizer).eval()
+    assert isinstance(encoder, CLIPTextModel)
+    assert (encoder.config.eos_token_id, encoder.config.pad_token_id, encoder.config.vocab_size) == (3, 0, len(tokenizer))
+    assert encoder.config.max_position_embeddings == tokenizer.model_max_length
+
+    ids = tokenizer(["a red cat", "two green stars left of a red cat"], padding="max_length", return_tensors="pt")
+    with torch.no_grad():
+        pooled = pooled_text_features(encoder, ids.input_ids, ids.attention_mask)
+        hidden = encoder(ids.input_ids).last_hidden_state
+    eos_positions = (ids.input_ids == 3).int().argmax(dim=1)
+    torch.testing.assert_close(pooled, hidden[torch.arange(2), eos_positions])
+    with torch.no_grad():
+        unpadded = pooled_text_features(encoder, ids.input_ids[:1, :5], ids.attention_mask[:1, :5])
+    torch.testing.assert_close(unpadded, pooled[:1])
+
+
+def test_t5_text_encoder_pools_masked_mean(tokenizer):
+    encoder = build_text_encoder(tiny_model_config("t5"), tokenizer).eval()
+    assert isinstance(encoder, T5EncoderModel)
+    assert (encoder.config.eos_token_id, encoder.config.pad_token_id, encoder.config.vocab_size) == (3, 0, len(tokenizer))
+
+    ids = tokenizer(["a red cat", "two green stars left of a red cat"], padding="max_length", return_tensors="pt")
+    with torch.no_grad():
+        pooled = pooled_text_features(encoder, ids.input_ids, ids.attention_mask)
+        hidden = encoder(input_ids=ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state
+    length = int(ids.attention_mask[0].sum())
+    torch.testing.assert_close(pooled[0], hidden[0, :length].mean(dim=0))
+    with torch.no_grad():
+        unpadded = pooled_text_features(encoder, ids.input_ids[:1, :length], ids.attention_mask[:1, :length])
+    torch.testing.assert_close(unpadded, pooled[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_model_configs_are_clear_errors(tokenizer):
+    with pytest.raises(ValueError, match="architecture"):
+        build_text_encoder({"architecture": "bert"}, tokenizer)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        build_text_encoder({"architecture": "clip", "text_encoder": {"max_position_embeddings": 4}}, tokenizer)
+
+
+@pytest.mark.parametrize("architecture", ["clip", "t5"])
+def test_contrastive_training_loss_falls(tokenizer, architecture):
+    torch.manual_seed(0)
+    model = build_contrastive_model(tiny_model_config(architecture), tokenizer)
+    captions = ["a red cat", "a blue house", "two green stars", "three orange circles"]
+    colors = torch.tensor([[1.0, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 0, -1]])
+    images = colors[:, :, None, None].expand(4, 3, 32, 32).clone()
+    tokens = tokenizer(captions, padding="max_length", return_tensors="pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        text_embeds, image_embeds, scale = model(tokens.input_ids, tokens.attention_mask, images)
+        loss = contrastive_loss(text_embeds, image_embeds, scale)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 1.0 and losses[-1] < 0.5 * losses[0], losses
+    with torch.no_grad():
+        text_embeds, image_embeds, _ = model(tokens.input_ids, tokens.attention_mask, images)
+    assert retrieval_accuracy(text_embeds, image_embeds, captions)["top1"] == 1.0
+
+
+# ------------------------------------------------------------------------------ loss and retrieval metric
+
+
+def test_contrastive_loss_matches_hand_computation():
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    image = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    # logits = 2 * [[1, 0.6], [0, 0.8]]
+    rows = -math.log(math.exp(2) / (math.exp(2) + math.exp(1.2))) - math.log(math.exp(1.6) / (1 + math.exp(1.6)))
+    cols = -math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(math.exp(1.6) / (math.exp(1.2) + math.exp(1.6)))
+    expected = 0.5 * (rows / 2 + cols / 2)
+    assert contrastive_loss(text, image, 2.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_contrastive_loss_matches_clip_reference_and_handles_duplicate_captions():
+    generator = torch.Generator().manual_seed(0)
+    text = F.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    image = F.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    logits = 3.0 * text @ image.t()
+    reference = (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.t(), torch.arange(6))) / 2
+    torch.testing.assert_close(contrastive_loss(text, image, 3.0), reference)
+    distinct = ["a", "b", "c", "d", "e", "f"]
+    torch.testing.assert_close(contrastive_loss(text, image, 3.0, same_caption_matrix(distinct)), reference)
+
+    # captions 0 and 1 are equal: both images are right answers for both captions, with weight 1/2 each
+    duplicated = ["a", "a", "c", "d", "e", "f"]
+    targets = torch.eye(6)
+    targets[:2, :2] = 0.5
+    soft = lambda x: -(targets * x.log_softmax(dim=1)).sum(dim=1).mean()  # noqa: E731
+    expected = (soft(logits) + soft(logits.t())) / 2
+    torch.testing.assert_close(contrastive_loss(text, image, 3.0, same_caption_matrix(duplicated)), expected)
+
+
+def test_retrieval_accuracy_perfect_alignment_and_duplicate_caption_rule():
+    embeds = torch.eye(6)
+    perfect = retrieval_accuracy(embeds, embeds, [f"caption {i}" for i in range(6)])
+    assert perfect["top1"] == 1.0 and perfect["top5"] == 1.0
+    assert perfect["chance_top1"] == pytest.approx(1 / 6)
+
+    # query i is closest to image i - 1, then to image i
+    text = embeds
+    image = F.normalize(0.5 * embeds + embeds.roll(-1, dims=0), dim=-1)
+    by_index = retrieval_accuracy(text, image, k=(1, 2))
+    assert by_index["top1"] == 0.0 and by_index["top2"] == 1.0
+
+    # captions 0 and 1 are identical, so query 1 retrieving image 0 becomes a hit
+    captions = ["a red cat", "a red cat", "a", "b", "c", "d"]
+    by_caption = retrieval_accuracy(text, image, captions, k=(1, 2))
+    assert by_caption["top1"] == pytest.approx(1 / 6) and by_caption["top2"] == 1.0
+    assert by_caption["chance_top1"] == pytest.approx((2 / 6 * 2 + 1 / 6 * 4) / 6)
+    with pytest.raises(ValueError, match="captions"):
+        retrieval_accuracy(text, image, captions[:3])
+
+
+# ------------------------------------------------------------------------------------- training script
+
+
+def run_script(argv: list[str]) -> dict:
+    """``training/train_text_encoder.py`` in this process, with a fresh Accelerate state."""
+    sys.path.insert(0, str(REPO / "training"))
+    try:
+        import train_text_encoder
+    finally:
+        sys.path.pop(0)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        return train_text_encoder.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip_run")
+    metrics = run_script(["--config", str(TINY["clip"]), "--output_dir", str(out)])
+    return out, metrics
+
+
+def check_saved_stage(out: Path, model_class) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    encoder = model_class.from_pretrained(out / "text_encoder")
+    assert (out / "text_encoder" / "model.safetensors").is_file()
+    assert not list((out / "text_encoder").glob("*.bin"))
+    assert (out / "image_tower" / "diffusion_pytorch_model.safetensors").is_file()
+    ImageTower.from_pretrained(out / "image_tower")
+    assert encoder.config.vocab_size == len(tokenizer) and encoder.config.eos_token_id == tokenizer.eos_token_id
+    loaded_tokenizer, loaded_encoder = load_pretrained_text_encoder(out)
+    assert isinstance(loaded_encoder, model_class) and loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+
+
+def test_train_script_clip_end_to_end(clip_run, capsys):
+    out, metrics = clip_run
+    check_saved_stage(out, CLIPTextModel)
+    saved = json.loads((out / "text_encoder_metrics.json").read_text())
+    assert saved["architecture"] == "clip" and saved["train_steps"] == 8 and saved["num_pairs"] == 32
+    assert 0.0 <= saved["top1"] <= saved["top5"] <= 1.0 and saved == metrics
+    history = [json.loads(line) for line in (out / "logs" / "text_encoder_train.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in history if "loss" in record] == list(range(1, 9))
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard logs missing"
+
+
+def test_train_script_t5_end_to_end(tmp_path, capsys):
+    metrics = run_script(["--config", str(TINY["t5"]), "--output_dir", str(tmp_path), "--max_train_steps", "4",
+                          "--gradient_accumulation_steps", "2"])
+    assert f"retrieval top1={metrics['top1']:.3f} top5={metrics['top5']:.3f} (32 held-out pairs" in capsys.readouterr().out
+    check_saved_stage(tmp_path, T5EncoderModel)
+    assert metrics["architecture"] == "t5" and metrics["train_steps"] == 4
+
+
+def test_resume_from_checkpoint_continues_exactly(clip_run, tmp_path):
+    full_run, _ = clip_run
+    run_script(["--config", str(TINY["clip"]), "--output_dir", str(tmp_path), "--max_train_steps", "4"])
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-4"]
+    run_script(["--config", str(TINY["clip"]), "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    uninterrupted = load_file(full_run / "text_encoder" / "model.safetensors")
+    resumed = load_file(tmp_path / "text_encoder" / "model.safetensors")
+    assert uninterrupted.keys() == resumed.keys()
+    for name in uninterrupted:
+        assert torch.equal(uninterrupted[name], resumed[name]), name
+
+
+def test_pretrained_text_encoder_is_copied_without_training(tokenizer, tmp_path):
+    hub_like = tmp_path / "tiny-clip"  # a Hub repository keeps tokenizer and model in one folder
+    source = build_text_encoder(tiny_model_config("clip"), tokenizer)
+    source.save_pretrained(hub_like)
+    tokenizer.save_pretrained(hub_like)
+    out = tmp_path / "out"
+    run_script(["--config", str(TINY["clip"]), "--output_dir", str(out), "--pretrained_text_encoder", str(hub_like)])
+    copied = load_file(out / "text_encoder" / "model.safetensors")
+    for name, weight in source.state_dict().items():
+        assert torch.equal(copied[name], weight), name
+    assert AutoTokenizer.from_pretrained(out / "tokenizer").get_vocab() == tokenizer.get_vocab()
+    assert not (out / "checkpoints").exists()
+
+    pipeline_like = tmp_path / "t5-pipeline"  # tokenizer/ and text_encoder/ sub-folders
+    build_text_encoder(tiny_model_config("t5"), tokenizer).save_pretrained(pipeline_like / "text_encoder")
+    tokenizer.save_pretrained(pipeline_like / "tokenizer")
+    assert isinstance(load_pretrained_text_encoder(pipeline_like)[1], T5EncoderModel)
+
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)).save_pretrained(bert)
+    with pytest.raises(ValueError, match="CLIP or a T5"):
+        load_pretrained_text_encoder(bert)
+    with pytest.raises(FileNotFoundError):
+        load_pretrained_text_encoder(tmp_path / "missing")
+
+
+def test_two_process_cpu_launch(tmp_path):
+    """``accelerate launch`` with 2 CPU processes (gloo): 2 steps of the tiny config."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(REPO / "training" / "train_text_encoder.py"), "--config", str(TINY["clip"]),
+               "--output_dir", str(tmp_path), "--max_train_steps", "2", "--checkpointing_steps", "2"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "x 2 processes" in result.stdout
+    assert result.stdout.count("retrieval top1=") == 1, "only the main process reports"
+    assert (tmp_path / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").is_file()
+    check_saved_stage(tmp_path, CLIPTextModel)

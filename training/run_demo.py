@@ -1,0 +1,162 @@
+"""The main job: train the three stages on the built-in `shapes` data, then generate and evaluate.
+
+    python training/run_demo.py --output_dir runs/demo                       # configs/demo, ~20 min on 2 CPU cores
+    python training/run_demo.py --config_dir configs/tiny --output_dir /tmp/t   # the same recipe in a minute
+
+Each stage is its own `accelerate launch` of a script in training/, exactly as a user would run it:
+
+    1. train_text_encoder.py  -> OUT/text_encoder_stage/{text_encoder,tokenizer}
+    2. train_vae.py           -> OUT/vae_stage/vae
+    3. train_unet.py          -> OUT/pipeline  (a LatentDiffusionPipeline directory)
+    4. ldm-eval               -> OUT/eval/{report.json,report.md,grids}
+    5. ldm-generate           -> OUT/samples/grid.png for "a red cat" and a dozen other prompts
+
+It ends with a summary (time per stage, retrieval accuracy, PSNR, GenEval-style scores, sample grid path),
+printed and written to OUT/summary.json and OUT/summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+SAMPLE_PROMPTS = [
+    "a red cat",
+    "a blue cat",
+    "a green house",
+    "a yellow star",
+    "a purple heart",
+    "two red cats",
+    "three blue stars",
+    "a cat and a house",
+    "a red cat and a blue house",
+    "a cat left of a tree",
+    "a car above a star",
+    "an orange car",
+    "four green circles",
+]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_dir", default=str(REPO / "configs" / "demo"), help="configs/<size> directory.")
+    parser.add_argument("--output_dir", default="runs/demo")
+    parser.add_argument("--text_encoder_config", default=None,
+                        help="Default: CONFIG_DIR/text_encoder.json (or text_encoder_clip.json).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip_existing", action="store_true",
+                        help="Reuse a stage's output when it is already complete in OUTPUT_DIR.")
+    return parser.parse_args(argv)
+
+
+def run(command: list[str], log_path: Path) -> float:
+    """Run one stage, streaming its output to the console and to a log file; return its wall time."""
+    print(f"\n$ {shlex.join(command)}", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        returncode = process.wait()
+    if returncode != 0:
+        raise SystemExit(f"Stage failed (exit {returncode}): {shlex.join(command)}\nSee {log_path}.")
+    return time.perf_counter() - start
+
+
+def accelerate_launch(script: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "training" / script)]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    config_dir = Path(args.config_dir)
+    out = Path(args.output_dir).resolve()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    text_config = Path(args.text_encoder_config) if args.text_encoder_config else config_dir / "text_encoder.json"
+    if not text_config.exists():
+        text_config = config_dir / "text_encoder_clip.json"
+    eval_config = read_json(config_dir / "eval.json")
+    seed = ["--seed", str(args.seed)]
+
+    text_dir, vae_dir, pipeline_dir = out / "text_encoder_stage", out / "vae_stage", out / "pipeline"
+    eval_dir, samples_dir = out / "eval", out / "samples"
+    stages = [
+        ("text_encoder", text_dir / "tokenizer" / "tokenizer.json",
+         accelerate_launch("train_text_encoder.py") + ["--config", str(text_config), "--output_dir", str(text_dir)] + seed),
+        ("vae", vae_dir / "vae" / "config.json",
+         accelerate_launch("train_vae.py") + ["--config", str(config_dir / "vae.json"), "--output_dir", str(vae_dir)] + seed),
+        ("unet", pipeline_dir / "model_index.json",
+         accelerate_launch("train_unet.py") + ["--config", str(config_dir / "unet.json"), "--text_encoder", str(text_dir),
+                                               "--vae", str(vae_dir), "--output_dir", str(pipeline_dir)] + seed),
+    ]
+    sampling = ["--scheduler", eval_config.get("scheduler", "dpm++"), "--steps", str(eval_config.get("steps", 25)),
+                "--guidance_scale", str(eval_config.get("guidance_scale", 4.0))]
+    stages.append(("evaluation", eval_dir / "report.json",
+                   [sys.executable, "-m", "ldm_pipeline.cli_eval", "--model", str(pipeline_dir), "--out", str(eval_dir),
+                    "--num_images", str(eval_config.get("num_images", 16))] + sampling + seed))
+    prompts = [arg for prompt in SAMPLE_PROMPTS for arg in ("--prompt", prompt)]
+    stages.append(("samples", samples_dir / "grid.png",
+                   [sys.executable, "-m", "ldm_pipeline.cli_generate", "--model", str(pipeline_dir), *prompts,
+                    "--num_images", "1", "--out", str(samples_dir)] + sampling + seed))
+
+    timings = {}
+    for name, done_marker, command in stages:
+        if args.skip_existing and done_marker.exists():
+            print(f"[{name}] already done: {done_marker}")
+            continue
+        timings[name] = run(command, logs / f"{name}.log")
+
+    summary = {
+        "config_dir": str(config_dir),
+        "seconds_per_stage": {k: round(v, 1) for k, v in timings.items()},
+        "total_minutes": round(sum(timings.values()) / 60, 2),
+        "text_encoder": read_json(text_dir / "text_encoder_metrics.json"),
+        "vae": read_json(vae_dir / "vae_metrics.json"),
+        "evaluation": read_json(eval_dir / "report.json"),
+        "sample_grid": str(samples_dir / "grid.png"),
+        "pipeline": str(pipeline_dir),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(format_summary(summary))
+    print("\n" + format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["# ldm-pipeline demo summary", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in summary["seconds_per_stage"].items()]
+    lines += [f"| **total** | **{summary['total_minutes'] * 60:.0f}** ({summary['total_minutes']:.1f} min) |", ""]
+    text = summary["text_encoder"]
+    if text:
+        lines.append(f"- text encoder: held-out text-to-image retrieval top-1 {text.get('top1', float('nan')):.3f}, "
+                     f"top-5 {text.get('top5', float('nan')):.3f}")
+    vae = summary["vae"]
+    if vae:
+        lines.append(f"- VAE: held-out PSNR {vae.get('psnr', float('nan')):.2f} dB, SSIM {vae.get('ssim', float('nan')):.3f}")
+    report = summary["evaluation"]
+    if report:
+        scores = report.get("scores", {})
+        lines += ["", "| category | score |", "|---|---:|"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in scores.items()]
+    lines += ["", f"- sample grid: {summary['sample_grid']}", f"- pipeline: {summary['pipeline']}", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
