@@ -50,6 +50,7 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 }
 ALIASES = {
     "dpmsolver++": "dpm++",
+    "dpm_solver++": "dpm++",
     "dpm++_2m": "dpm++",
     "dpmsolver++_sde": "dpm++_sde",
     "dpm++_2m_sde": "dpm++_sde",

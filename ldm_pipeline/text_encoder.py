@@ -201,9 +201,12 @@ def load_pretrained_text_encoder(
 class ImageTower(ModelMixin, ConfigMixin):
     """A small CNN from images in [-1, 1] to the joint text-image space (training-only).
 
-    Each stage halves the resolution (3x3 stride-2 conv, GroupNorm, SiLU, 3x3 conv, GroupNorm, SiLU). The last
-    feature map is average-pooled to a ``pooled_size`` x ``pooled_size`` grid, not to a single vector, so where an
-    object is (captions say "left of", "above") survives into the linear projection.
+    A patchify stem (``patch_size`` x ``patch_size`` conv with that stride, GroupNorm, SiLU) maps the image to
+    ``block_out_channels[0]`` channels at 1/``patch_size`` resolution; each further entry adds a stage that halves
+    the resolution (3x3 stride-2 conv, GroupNorm, SiLU, 3x3 conv, GroupNorm, SiLU). Normalising at full resolution
+    is what makes a CNN slow on a CPU, hence the stem. The last feature map is average-pooled to a
+    ``pooled_size`` x ``pooled_size`` grid, not to a single vector, so where an object is (captions say
+    "left of", "above") survives into the linear projection.
     """
 
     @register_to_config
@@ -214,13 +217,18 @@ class ImageTower(ModelMixin, ConfigMixin):
         norm_num_groups: int = 8,
         pooled_size: int = 4,
         projection_dim: int = 64,
+        patch_size: int = 2,
     ):
         super().__init__()
-        stages, channels = [], in_channels
         for out_channels in block_out_channels:
             if out_channels % norm_num_groups:
                 raise ValueError(f"image_tower block_out_channels {out_channels} is not divisible by norm_num_groups={norm_num_groups}.")
-            stages += [
+        if patch_size < 1:
+            raise ValueError(f"image_tower patch_size={patch_size}: it must be at least 1.")
+        channels = block_out_channels[0]
+        layers = [nn.Conv2d(in_channels, channels, patch_size, stride=patch_size), nn.GroupNorm(norm_num_groups, channels), nn.SiLU()]
+        for out_channels in block_out_channels[1:]:
+            layers += [
                 nn.Conv2d(channels, out_channels, 3, stride=2, padding=1),
                 nn.GroupNorm(norm_num_groups, out_channels),
                 nn.SiLU(),
@@ -229,7 +237,7 @@ class ImageTower(ModelMixin, ConfigMixin):
                 nn.SiLU(),
             ]
             channels = out_channels
-        self.features = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(pooled_size), nn.Flatten())
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(pooled_size), nn.Flatten())
         self.projection = nn.Linear(channels * pooled_size * pooled_size, projection_dim)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

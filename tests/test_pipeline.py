@@ -25,115 +25,54 @@ from diffusers import (
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import CLIPTextModel, T5EncoderModel
 
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.cli_generate import main as generate_main
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 
-WORDS = "a the red green blue yellow cat dog circle square star left right of above below two three small big".split()
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
+from conftest import (
+    TINY_HIDDEN,
+    TINY_SCHEDULE,
+    make_tiny_clip,
+    make_tiny_scheduler,
+    make_tiny_t5,
+    make_tiny_tokenizer,
+    make_tiny_unet,
+    make_tiny_vae,
+)
+
 MAX_LENGTH = 8
-HIDDEN = 32
+HIDDEN = TINY_HIDDEN
 IMAGE_SIZE = 16  # unet sample_size 8 × vae_scale_factor 2
 LATENT_SHAPE = (4, 8, 8)
 PROMPTS = ["a red cat", "two blue squares left of a star"]
+SCHEDULE = TINY_SCHEDULE
+ddim_scheduler = make_tiny_scheduler
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
-    )
-    built = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        model_max_length=MAX_LENGTH,
-    )
-    directory = tmp_path_factory.mktemp("tokenizer")
-    built.save_pretrained(directory)
-    return AutoTokenizer.from_pretrained(directory)
+def tokenizer():
+    return make_tiny_tokenizer(MAX_LENGTH)
 
 
 def make_clip(tokenizer) -> CLIPTextModel:
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return CLIPTextModel(config).eval()
+    return make_tiny_clip(tokenizer)
 
 
 def make_t5(tokenizer) -> T5EncoderModel:
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=HIDDEN,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
-    return T5EncoderModel(config).eval()
+    return make_tiny_t5(tokenizer)
 
 
 def make_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        block_out_channels=[8, 16],
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=IMAGE_SIZE,
-        scaling_factor=0.7,
-    ).eval()
+    return make_tiny_vae(IMAGE_SIZE)
 
 
 def make_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        cross_attention_dim=HIDDEN,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
-
-
-SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-
-
-def ddim_scheduler(**overrides) -> DDIMScheduler:
-    return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **overrides)
+    return make_tiny_unet(IMAGE_SIZE // 2)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +121,10 @@ class UNetSpy(torch.nn.Module):
     @property
     def dtype(self):
         return self.unet.dtype
+
+    @property
+    def device(self):
+        return self.unet.device
 
     def forward(self, sample, timestep, encoder_hidden_states, return_dict=False, **kwargs):
         output = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **kwargs)
@@ -235,16 +178,25 @@ def test_from_pretrained_on_a_directory_without_a_pipeline(tmp_path):
         LatentDiffusionPipeline.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a pipeline directory"):
         LatentDiffusionPipeline.from_pretrained(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="not a pipeline directory"):
+        LatentDiffusionPipeline.from_pretrained("runs/demo/missing_pipeline")
+    with pytest.raises(FileNotFoundError, match="neither a local pipeline directory nor a Hub repo"):
+        LatentDiffusionPipeline.from_pretrained("missing/pipeline", local_files_only=True)
 
 
 def test_to_dtype_converts_every_component(tokenizer):
+    """fp64 sampling from the same (fp32) noise agrees with fp32; fresh noise would differ (randn draws per dtype)."""
     pipe = make_pipeline(dict(vae=make_vae(), text_encoder=make_clip(tokenizer), tokenizer=tokenizer, unet=make_unet()))
-    reference = run(pipe, output_type="pt")
+    noise = torch.randn(2, *LATENT_SHAPE, generator=seeded(1))
+    reference = run(pipe, output_type="pt", latents=noise)
     pipe = pipe.to("cpu", torch.float64)
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float64
-    images = run(pipe, output_type="pt")
+    images = run(pipe, output_type="pt", latents=noise)
     assert images.dtype == torch.float64
     torch.testing.assert_close(images.float(), reference, atol=1e-4, rtol=0)
+    pipe = pipe.to(torch.float32)
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
+    torch.testing.assert_close(run(pipe, output_type="pt", latents=noise), reference)
 
 
 # ------------------------------------------------------------------------------------------------ __call__ arguments
@@ -261,8 +213,22 @@ def test_output_types_shapes_and_agreement(pipe):
     assert len(as_pil) == 2 and all(isinstance(im, Image.Image) and im.size == (IMAGE_SIZE,) * 2 for im in as_pil)
     np.testing.assert_allclose(as_pt.permute(0, 2, 3, 1).numpy(), as_np, atol=1e-6)
     np.testing.assert_array_equal(np.stack([np.asarray(im) for im in as_pil]), (as_np * 255).round().astype(np.uint8))
-    decoded = pipe.vae.decode(as_latent / pipe.vae.config.scaling_factor).sample
+    with torch.no_grad():
+        decoded = pipe.vae.decode(as_latent / pipe.vae.config.scaling_factor).sample
     np.testing.assert_allclose((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), as_np, atol=1e-6)
+
+
+def test_returned_tensors_are_ordinary_tensors(pipe):
+    """Sampling runs in inference mode; what comes back may still be modified in place and used with autograd."""
+    for output_type in ("pt", "latent"):
+        images = run(pipe, steps=1, output_type=output_type)
+        assert not images.is_inference()
+        images.mul_(2)
+        weight = torch.ones((), requires_grad=True)
+        (images * weight).sum().backward()
+        assert weight.grad is not None
+    (latents,) = pipe(PROMPTS, num_inference_steps=1, output_type="latent", return_dict=False)
+    assert not latents.is_inference()
 
 
 def test_return_dict_false_returns_a_tuple(pipe):
@@ -283,6 +249,16 @@ def test_num_images_per_prompt_groups_images_by_prompt(pipe):
     for index, prompt in enumerate(PROMPTS):
         alone = run(pipe, [prompt], num_images_per_prompt=2, latents=noise[2 * index : 2 * index + 2])
         np.testing.assert_allclose(images[2 * index : 2 * index + 2], alone, atol=1e-5)
+
+
+def test_one_generator_per_image(pipe):
+    generators = [seeded(seed) for seed in (4, 5)]
+    images = run(pipe, generator=generators)
+    for index, seed in enumerate((4, 5)):
+        alone = run(pipe, [PROMPTS[index]], generator=seeded(seed))
+        np.testing.assert_allclose(images[index : index + 1], alone, atol=1e-5)
+    with pytest.raises(ValueError, match="3 generators for 2 images"):
+        run(pipe, generator=[seeded(seed) for seed in range(3)])
 
 
 def test_given_latents_are_the_initial_noise(pipe):
@@ -384,7 +360,7 @@ def test_classifier_free_guidance_equals_the_formula_in_one_batched_unet_call(co
     expected = manual_sampling_loop(
         components, EulerDiscreteScheduler(**SCHEDULE), PROMPTS, ["", ""], noise, 3, guidance_scale
     )
-    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(latents, expected, atol=1e-4, rtol=1e-4)  # batched vs separate calls: float32 noise
 
 
 # ------------------------------------------------------------------------------------------------ reference check
@@ -467,7 +443,7 @@ def test_ddpm_with_fewer_steps_samples_the_skip_step_posterior(components):
     n = 1000 // steps
     for index, t in enumerate(timesteps):
         eps = spy.calls[index]["output"].double()
-        a = torch.prod(alphas[t - n + 1 : t + 1])
+        a = torch.prod(alphas[max(t - n + 1, 0) : t + 1])
         abar_t, abar_prev = abar[t], (abar[t - n] if t - n >= 0 else torch.tensor(1.0, dtype=torch.float64))
         x_0 = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
         variance = (1 - abar_prev - a + abar_t) / (1 - abar_t)
@@ -503,6 +479,60 @@ def test_ddim_step_equals_the_ddim_formula(components, eta):
         expected = ddim_expected_step(x_t, spy.calls[index]["output"].double(), abar[t], abar_prev, eta, noise)
         torch.testing.assert_close(trajectory[index].double(), expected, atol=2e-5, rtol=1e-4)
         x_t = trajectory[index].double()
+
+
+def test_euler_step_equals_the_euler_formula(components):
+    """Euler (Karras et al. 2022, eps-prediction): input z / sqrt(sigma_i^2 + 1), z_{i+1} = z_i + (sigma_{i+1} - sigma_i) eps,
+    sigma(t) = sqrt((1 - abar_t) / abar_t) interpolated at fractional t, z_0 = n sigma_max (Diffusers' choice for
+    "linspace" spacing, ~ n sqrt(sigma_max^2 + 1) of the VP view)."""
+    scheduler = EulerDiscreteScheduler(**SCHEDULE)
+    pipe, spy = spied_pipeline(components, scheduler)
+    steps, seed = 4, 17
+    trajectory = record_latents(pipe, steps=steps, guidance_scale=1.0, generator=seeded(seed))
+    abar = scheduler.alphas_cumprod.double().numpy()
+    timesteps = np.linspace(0, 999, steps)[::-1]
+    sigmas = [float(np.interp(t, np.arange(1000), ((1 - abar) / abar) ** 0.5)) for t in timesteps] + [0.0]
+    initial, _ = replay_noise(seed, steps_with_noise=0)
+    x = initial.double() * sigmas[0]
+    for index in range(steps):
+        call = spy.calls[index]
+        torch.testing.assert_close(call["sample"].double(), x / (sigmas[index] ** 2 + 1) ** 0.5, atol=1e-5, rtol=1e-5)
+        expected = x + (sigmas[index + 1] - sigmas[index]) * call["output"].double()
+        torch.testing.assert_close(trajectory[index].double(), expected, atol=1e-4, rtol=1e-5)
+        x = trajectory[index].double()
+
+
+def test_dpm_solver_pp_step_equals_the_2m_formula(components):
+    """DPM-Solver++(2M) (Lu et al. 2022), alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma),
+    x0_i = (x - sigma_i eps) / alpha_i, h = lambda_next - lambda_i:
+    first order   x_next = (sigma_next / sigma_i) x - alpha_next (e^-h - 1) x0_i
+    second order  ... - 0.5 alpha_next (e^-h - 1) (x0_i - x0_{i-1}) h / (lambda_i - lambda_{i-1});
+    first and last step first order (lower_order_final), the last lands on x0 (sigma = 0)."""
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++")
+    pipe, spy = spied_pipeline(components, scheduler)
+    steps, seed = 4, 19
+    trajectory = record_latents(pipe, steps=steps, guidance_scale=1.0, generator=seeded(seed))
+    timesteps = scheduler.timesteps.tolist()
+    assert timesteps == [999, 749, 500, 250]
+    abar = scheduler.alphas_cumprod.double()
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    lam = torch.log(alpha / sigma)
+    x, _ = replay_noise(seed, steps_with_noise=0)
+    x = x.double()
+    previous_x0 = None
+    for index, t in enumerate(timesteps):
+        x0 = (x - sigma[t] * spy.calls[index]["output"].double()) / alpha[t]
+        if index == steps - 1:
+            expected = x0
+        else:
+            t_next = timesteps[index + 1]
+            h = lam[t_next] - lam[t]
+            expected = sigma[t_next] / sigma[t] * x - alpha[t_next] * torch.expm1(-h) * x0
+            if index > 0:
+                r = (lam[t] - lam[timesteps[index - 1]]) / h
+                expected = expected - 0.5 * alpha[t_next] * torch.expm1(-h) * (x0 - previous_x0) / r
+        torch.testing.assert_close(trajectory[index].double(), expected, atol=2e-5, rtol=1e-4)
+        x, previous_x0 = trajectory[index].double(), x0
 
 
 def test_ddim_eta_zero_is_deterministic_and_eta_positive_is_stochastic(pipe):
@@ -561,8 +591,8 @@ def test_too_long_prompt_is_truncated_with_a_warning_naming_the_removed_part(com
         ids = tokenize_prompts(components["tokenizer"], [long_prompt, "a cat"])
     assert ids.input_ids.shape == (2, MAX_LENGTH)
     assert ids.input_ids[0, -1] == components["tokenizer"].eos_token_id
-    assert "'dog above two stars'" in caplog.text and f"up to {MAX_LENGTH} tokens" in caplog.text
-    kept = tokenize_prompts(components["tokenizer"], ["a red cat left of a blue"])
+    assert "'blue dog above two stars'" in caplog.text and f"up to {MAX_LENGTH} tokens" in caplog.text
+    kept = tokenize_prompts(components["tokenizer"], ["a red cat left of a"])
     torch.testing.assert_close(ids.input_ids[:1], kept.input_ids)
 
 
@@ -579,6 +609,13 @@ def test_set_scheduler_and_from_config_swap(pipe):
     assert np.isfinite(run(pipe, steps=3)).all()
     with pytest.raises(ValueError, match="Unknown scheduler 'dpm\\+\\+3'.*ddim"):
         pipe.set_scheduler("dpm++3")
+
+
+def test_a_scheduler_that_clips_latents_is_reported(pipe, caplog):
+    pipe.scheduler = DDIMScheduler.from_config(EulerDiscreteScheduler(**SCHEDULE).config)  # DDIM's default: clip
+    with caplog.at_level(logging.WARNING, logger="ldm_pipeline"):
+        run(pipe, steps=1)
+    assert "clip_sample=True" in caplog.text and "clip_sample=False" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -617,6 +654,17 @@ def test_xformers_falls_back_to_sdpa_with_a_message(pipe, caplog):
     assert np.isfinite(run(pipe, steps=1)).all()
 
 
+def test_xformers_installed_but_no_cuda_names_the_reason(pipe, caplog, monkeypatch):
+    import ldm_pipeline.pipeline_latent_diffusion as module
+
+    monkeypatch.setattr(module, "is_xformers_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="ldm_pipeline"):
+        assert pipe.enable_xformers_memory_efficient_attention() is False
+    assert "CUDA is not available" in caplog.text and "SDPA" in caplog.text
+    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
@@ -639,8 +687,28 @@ def test_cli_writes_every_image_and_a_grid(pipeline_dir, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(Image.open(images[4])), np.asarray(expected[4]))
 
 
-def test_cli_reports_a_directory_without_a_pipeline(tmp_path):
+def test_cli_size_negative_prompt_and_scheduler_flags(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "cli"
+    argv = ["--model", str(tiny_pipeline_dir), "--prompt", "a red cat", "--num_images", "2", "--scheduler", "dpm++",
+            "--steps", "2", "--guidance_scale", "3", "--seed", "1", "--height", "8", "--width", "24",
+            "--negative_prompt", "a dog", "--out", str(out)]
+    generate_main(argv)
+    assert Image.open(out / "grid.png").size == (2 * 24, 8)
+    images = sorted(out.glob("000_00*.png"))
+    assert len(images) == 2
+
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_scheduler("dpm++")
+    expected = pipe("a red cat", negative_prompt="a dog", num_images_per_prompt=2, num_inference_steps=2,
+                    guidance_scale=3.0, height=8, width=24, generator=seeded(1)).images
+    np.testing.assert_array_equal(np.asarray(Image.open(images[1])), np.asarray(expected[1]))
+
+
+def test_cli_reports_bad_model_directory_and_scheduler(pipeline_dir, tmp_path):
     with pytest.raises(SystemExit, match="holds no pipeline"):
         generate_main(["--model", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match="Unknown scheduler"):
-        generate_main(["--model", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o"), "--scheduler", "x"])
+    argv = ["--model", str(pipeline_dir), "--prompt", "a cat", "--out", str(tmp_path / "o"), "--scheduler", "x"]
+    with pytest.raises(SystemExit, match="Unknown scheduler 'x': choose one of .*ddim"):
+        generate_main(argv)
+    assert not (tmp_path / "o").exists()

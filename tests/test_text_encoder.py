@@ -119,6 +119,18 @@ def test_bad_model_configs_are_clear_errors(tokenizer):
         build_text_encoder({"architecture": "bert"}, tokenizer)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         build_text_encoder({"architecture": "clip", "text_encoder": {"max_position_embeddings": 4}}, tokenizer)
+    with pytest.raises(ValueError, match="patch_size"):
+        ImageTower(patch_size=0)
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        ImageTower(block_out_channels=(8, 12), norm_num_groups=8)
+
+
+def test_image_tower_patch_stem_keeps_a_spatial_grid():
+    tower = ImageTower(block_out_channels=(8, 16), norm_num_groups=4, pooled_size=2, patch_size=4, projection_dim=5)
+    stem = tower.features[0]
+    assert (stem.kernel_size, stem.stride, stem.out_channels) == ((4, 4), (4, 4), 8)
+    assert tower.features(torch.zeros(3, 3, 64, 64)).shape == (3, 16 * 2 * 2)
+    assert tower(torch.zeros(3, 3, 64, 64)).shape == (3, 5)
 
 
 @pytest.mark.parametrize("architecture", ["clip", "t5"])
@@ -127,7 +139,9 @@ def test_contrastive_training_loss_falls(tokenizer, architecture):
     model = build_contrastive_model(tiny_model_config(architecture), tokenizer)
     captions = ["a red cat", "a blue house", "two green stars", "three orange circles"]
     colors = torch.tensor([[1.0, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 0, -1]])
-    images = colors[:, :, None, None].expand(4, 3, 32, 32).clone()
+    images = torch.zeros(4, 3, 32, 32)
+    for index, (color, corner) in enumerate(zip(colors, [(0, 0), (0, 16), (16, 0), (16, 16)])):
+        images[index, :, corner[0]:corner[0] + 16, corner[1]:corner[1] + 16] = color[:, None, None]
     tokens = tokenizer(captions, padding="max_length", return_tensors="pt")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -197,16 +211,41 @@ def test_retrieval_accuracy_perfect_alignment_and_duplicate_caption_rule():
         retrieval_accuracy(text, image, captions[:3])
 
 
+def test_retrieval_accuracy_on_hand_made_similarity_matrix():
+    """With image_embeds = I the similarity matrix is the row-normalised text_embeds, so ranks are set by hand:
+    query i has its own image at rank i + 1 (1-based), the other images in decreasing order after it."""
+    similarity = torch.tensor([
+        [0.9, 0.1, 0.2, 0.3, 0.4, 0.5],   # own image (0) ranked 1st
+        [0.9, 0.8, 0.1, 0.2, 0.3, 0.4],   # own image (1) ranked 2nd
+        [0.9, 0.8, 0.7, 0.1, 0.2, 0.3],   # 3rd
+        [0.9, 0.8, 0.7, 0.6, 0.1, 0.2],   # 4th
+        [0.9, 0.8, 0.7, 0.6, 0.5, 0.1],   # 5th
+        [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],   # 6th
+    ])
+    metrics = retrieval_accuracy(similarity, torch.eye(6), k=(1, 2, 5, 6))
+    assert metrics["top1"] == pytest.approx(1 / 6) and metrics["top2"] == pytest.approx(2 / 6)
+    assert metrics["top5"] == pytest.approx(5 / 6) and metrics["top6"] == 1.0
+    # query 5 shares its caption with image 0, its best match, so it becomes a top-1 hit
+    captions = ["red", "a", "b", "c", "d", "red"]
+    shared = retrieval_accuracy(similarity, torch.eye(6), captions, k=(1, 5))
+    assert shared["top1"] == pytest.approx(2 / 6) and shared["top5"] == 1.0
+
+
 # ------------------------------------------------------------------------------------- training script
 
 
-def run_script(argv: list[str]) -> dict:
-    """``training/train_text_encoder.py`` in this process, with a fresh Accelerate state."""
+def import_script():
     sys.path.insert(0, str(REPO / "training"))
     try:
         import train_text_encoder
     finally:
         sys.path.pop(0)
+    return train_text_encoder
+
+
+def run_script(argv: list[str]) -> dict:
+    """``training/train_text_encoder.py`` in this process, with a fresh Accelerate state."""
+    train_text_encoder = import_script()
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         return train_text_encoder.main(argv)
@@ -288,6 +327,42 @@ def test_pretrained_text_encoder_is_copied_without_training(tokenizer, tmp_path)
         load_pretrained_text_encoder(bert)
     with pytest.raises(FileNotFoundError):
         load_pretrained_text_encoder(tmp_path / "missing")
+
+
+def make_imagefolder(root: Path, num_images: int) -> None:
+    from ldm_pipeline.data import ShapesDataset
+
+    root.mkdir(parents=True)
+    shapes = ShapesDataset(num_images, 32, seed=1)
+    with open(root / "metadata.jsonl", "w") as metadata:
+        for index in range(num_images):
+            item = shapes[index]
+            item["image"].save(root / f"{index}.png")
+            metadata.write(json.dumps({"file_name": f"{index}.png", "text": f"{item['caption']} number {index}"}) + "\n")
+
+
+def test_dataset_captions_are_those_of_the_split_items(tmp_path):
+    from argparse import Namespace
+
+    from ldm_pipeline.data import build_dataset
+
+    train_text_encoder = import_script()
+    make_imagefolder(tmp_path / "folder", 12)
+    for data in ({"num_train_samples": 10, "num_validation_samples": 5},
+                 {"train_data_dir": str(tmp_path / "folder"), "num_validation_samples": 4}):
+        for split in ("train", "validation"):
+            dataset = build_dataset(Namespace(resolution=32, **data), split=split)
+            assert train_text_encoder.dataset_captions(dataset) == [dataset[i]["caption"] for i in range(len(dataset))]
+    assert len(dataset) == 4
+
+
+def test_train_script_on_an_imagefolder(tmp_path):
+    make_imagefolder(tmp_path / "folder", 24)
+    metrics = run_script(["--config", str(TINY["clip"]), "--output_dir", str(tmp_path / "out"), "--train_data_dir",
+                          str(tmp_path / "folder"), "--num_validation_samples", "8", "--max_train_steps", "1",
+                          "--checkpointing_steps", "1"])
+    assert metrics["num_pairs"] == 8 and metrics["train_steps"] == 1
+    check_saved_stage(tmp_path / "out", CLIPTextModel)
 
 
 def test_two_process_cpu_launch(tmp_path):

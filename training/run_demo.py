@@ -41,7 +41,7 @@ SAMPLE_PROMPTS = [
     "a cat left of a tree",
     "a car above a star",
     "an orange car",
-    "four green circles",
+    "four green balls",
 ]
 
 

@@ -56,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dataset_captions(dataset) -> list[str]:
-    """All captions of a dataset, without decoding images when the dataset can list them directly."""
-    captions = getattr(dataset, "captions", None)
-    if captions is not None:
-        return list(captions)
+    """The captions of a dataset's items, in item order, read without decoding any image when possible."""
+    if hasattr(dataset, "shapes"):  # built-in shapes: captions come from the sampled scenes
+        return [dataset.shapes.scene(index).caption for index in range(len(dataset))]
+    if hasattr(dataset, "rows") and hasattr(dataset, "captions"):  # user data: captions of this split's rows only
+        return [dataset.captions[row] for row in dataset.rows]
     return [dataset[index]["caption"] for index in range(len(dataset))]
 
 

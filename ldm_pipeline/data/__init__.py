@@ -1,8 +1,18 @@
 """Data: the built-in `shapes` dataset and loaders for user datasets."""
 
+from .datasets import (
+    add_data_args,
+    build_dataset,
+    collate_examples,
+    dataset_fingerprint,
+    image_to_tensor,
+    preprocess_image,
+)
+
 from .shapes import (
     BACKGROUND,
     CATEGORIES,
+    GENERATOR_VERSION,
     COLORS,
     OBJECT_KINDS,
     RenderedObject,

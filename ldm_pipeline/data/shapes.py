@@ -14,7 +14,8 @@ Rendering contract (what the evaluation relies on):
 
 - The background is the single colour `BACKGROUND`; no palette colour is near it.
 - Every object pixel has exactly its palette colour `COLORS[color]` (no anti-aliasing). Small features (a cat's
-  eyes, a house's door, a car's window) are holes that show the background.
+  eyes, a house's door, a car's window) are holes that show the background, left out in objects smaller than
+  `MIN_HOLE_OBJECT_PX`, so that every object is one 8-connected piece.
 - `RenderedObject.box` is the tight pixel box ``(x0, y0, x1, y1)`` of the object, right/bottom exclusive (PIL's
   ``getbbox`` convention, ``array[y0:y1, x0:x1]``). All of the object's pixels lie in it, and boxes of different
   objects are at least one pixel apart at resolution >= 32, so 8-connected components separate the objects.
@@ -30,10 +31,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+GENERATOR_VERSION = 1
+"""Bump when a change to this module changes the samples of a seed (caches key on it)."""
 
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution")
 
@@ -70,6 +74,10 @@ SIZE_RANGES = {1: (0.36, 0.72), 2: (0.26, 0.42), 3: (0.24, 0.34), 4: (0.24, 0.31
 MARGIN = 0.08
 BORDER = 0.03
 
+# Holes (eyes, door, window) are cut only in objects at least this many pixels wide and high: in smaller ones
+# they would split the object into pieces.
+MIN_HOLE_OBJECT_PX = 7
+
 
 def _star_points(num_points: int = 5, inner: float = 0.42) -> list[tuple[float, float]]:
     points = []
@@ -105,7 +113,7 @@ SHAPES = {
         ("rectangle", (0.0, 0.38, 1.0, 0.78), 1),
         ("ellipse", (0.10, 0.56, 0.38, 1.0), 1),
         ("ellipse", (0.62, 0.56, 0.90, 1.0), 1),
-        ("rectangle", (0.38, 0.14, 0.62, 0.38), 0),
+        ("rectangle", (0.42, 0.16, 0.58, 0.34), 0),
     ],
     "star": [("polygon", tuple(_star_points()), 1)],
     "heart": [
@@ -353,7 +361,10 @@ def _pixel_box(rel_box, resolution: int) -> tuple[int, int, int, int]:
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int]) -> None:
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
+    with_holes = min(w, h) + 1 >= MIN_HOLE_OBJECT_PX
     for primitive, geometry, ink in SHAPES[kind]:
+        if not ink and not with_holes:
+            continue
         fill = 255 if ink else 0
         if primitive == "polygon":
             draw.polygon([(round(x0 + u * w), round(y0 + v * h)) for u, v in geometry], fill=fill)

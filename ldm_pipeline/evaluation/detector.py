@@ -4,7 +4,8 @@
    the background is the mean of the border pixels in the most frequent bin). A border where fewer than
    ``min_background_fraction`` of the pixels are within ``threshold`` of that colour is not a plain background:
    such an image has no readable objects.
-2. Foreground: pixels whose largest channel difference to the background exceeds ``threshold``.
+2. Foreground: pixels whose largest channel difference to the background exceeds ``threshold``, minus specks
+   (pixels with fewer than 2 of their 8 neighbours in the foreground).
 3. Objects: connected components of the foreground (8-connected), minus specks smaller than
    ``min_area_fraction`` of the image.
 4. Colour: each object pixel votes for its nearest palette colour (Euclidean RGB); the majority wins. Pixels on
@@ -95,10 +96,30 @@ def label_components(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarra
     return dense, int(np.count_nonzero(roots != sentinel))
 
 
+def remove_specks(mask: np.ndarray, min_neighbours: int = 2) -> np.ndarray:
+    """``mask`` without the pixels that have fewer than ``min_neighbours`` of their 8 neighbours on: drops the
+    isolated specks and pairs that pixel noise adds (on the background or stuck to an object's edge). Never turns
+    a pixel on, so objects that are apart stay apart."""
+    padded = np.pad(mask, 1, constant_values=False).astype(np.int8)
+    height, width = mask.shape
+    neighbours = sum(padded[dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)) - mask
+    return mask & (neighbours >= min_neighbours)
+
+
 def erode(mask: np.ndarray) -> np.ndarray:
     """Pixels of ``mask`` whose four neighbours are all in ``mask``."""
     padded = np.pad(mask, 1, constant_values=False)
     return mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two boxes (x0, y0, x1, y1), exclusive ends."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    intersection = width * height
+    return intersection / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection)
 
 
 def read_color(pixels: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
@@ -118,6 +139,7 @@ class ObjectDetector:
         threshold: largest per-channel difference (0-255) from the background that still counts as background.
         min_area_fraction: components smaller than this fraction of the image are specks and dropped.
         min_background_fraction: share of border pixels that must match the background colour.
+        smooth: clean the foreground mask with `remove_specks` (robust to pixel noise of generated images).
     """
 
     def __init__(
@@ -126,18 +148,29 @@ class ObjectDetector:
         threshold: int = 48,
         min_area_fraction: float = 0.004,
         min_background_fraction: float = 0.5,
+        smooth: bool = True,
     ):
         self.palette = dict(palette)
         self.threshold = threshold
         self.min_area_fraction = min_area_fraction
         self.min_background_fraction = min_background_fraction
+        self.smooth = smooth
 
     def foreground(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """(background RGB, foreground mask [H, W]) or None when the image has no plain background."""
         background, fraction = estimate_background(image, self.threshold)
         if fraction < self.min_background_fraction:
             return None
-        return background, np.abs(image.astype(np.float64) - background).max(axis=2) > self.threshold
+        return background, self._threshold(image, background)
+
+    def _threshold(self, image: np.ndarray, background: np.ndarray) -> np.ndarray:
+        mask = np.abs(image.astype(np.float64) - background).max(axis=2) > self.threshold
+        return remove_specks(mask) if self.smooth else mask
+
+    def foreground_mask(self, image: np.ndarray) -> np.ndarray:
+        """Pixels farther than ``threshold`` from the estimated background, plain or not, [H, W] bool."""
+        background, _ = estimate_background(image, self.threshold)
+        return self._threshold(image, background)
 
     def __call__(self, image) -> list[DetectedObject]:
         image = as_uint8_array(image)
