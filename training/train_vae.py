@@ -221,8 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
                 disc_optimizer.zero_grad(set_to_none=True)
                 parts.update(d_loss=d_loss, logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
         parts["loss"] = loss
-        for name, value in parts.items():
-            running[name] = running.get(name, 0.0) + value.detach().item() / args.gradient_accumulation_steps
+        names = sorted(parts)
+        values = accelerator.reduce(torch.stack([parts[name].detach().float() for name in names]), "mean")
+        for name, value in zip(names, values.tolist()):
+            running[name] = running.get(name, 0.0) + value / args.gradient_accumulation_steps
 
         if accelerator.sync_gradients:
             global_step += 1

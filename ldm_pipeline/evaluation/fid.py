@@ -8,8 +8,8 @@ For two sets of features modelled as Gaussians N(mu_1, S_1) and N(mu_2, S_2) the
 positive semi-definite matrix ``S_1^(1/2) S_2 S_1^(1/2)`` (it has the same eigenvalues as ``S_1 S_2``), which
 needs only ``eigh`` and stays real.
 
-The classifier FID ("FID" in the report) embeds whole images with the kind classifier's pooled penultimate
-features, as MNIST FIDs use a LeNet. The Inception FID (the standard one) needs the pt_inception weights of
+The classifier FID ("fid" in the report) embeds each whole image by the kind classifier's penultimate features
+of its foreground mask (``GenEvalScorer.image_features``), as MNIST FIDs use a LeNet. The Inception FID (the standard one) needs the pt_inception weights of
 pytorch-fid as a local file and a TorchScript-free re-implementation of that network; this project has
 neither, so :func:`inception_fid_unavailable_reason` explains why it is not computed.
 """
