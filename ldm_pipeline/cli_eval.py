@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_images", type=int, default=20, help="Images per category (six categories).")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the prompt set and the initial noise.")
     parser.add_argument("--out", required=True, help="Output directory.")
+    parser.add_argument("--unet", default=None,
+                        help="A U-Net directory to use instead of MODEL/unet (e.g. MODEL/snapshots/step-300).")
     parser.add_argument("--scheduler", default=None, help="Sampler name (default: the pipeline's own).")
     parser.add_argument("--steps", type=int, default=50, help="Number of inference steps.")
     parser.add_argument("--guidance_scale", type=float, default=4.0, help="Classifier-free guidance scale.")
@@ -71,9 +73,13 @@ def generate_images(args: argparse.Namespace, prompts: list[str]) -> tuple[list[
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+        if args.unet:
+            from diffusers import UNet2DConditionModel
+
+            pipe.unet = UNet2DConditionModel.from_pretrained(args.unet)
         if args.scheduler:
             pipe.set_scheduler(args.scheduler)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:
         raise SystemExit(f"ldm-eval: {error}") from error
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -195,6 +201,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "num_images": len(images),
         "num_images_per_category": {c: sum(p.category == c for p in prompt_set) for c in CATEGORIES},
         "model": "real renders (--real)" if args.real else str(args.model),
+        "unet": getattr(args, "unet", None),
         "settings": settings,
     }
 

@@ -287,6 +287,26 @@ def resume_from_checkpoint(accelerator: Accelerator, args: argparse.Namespace) -
     return int(match.group(1))
 
 
+def register_ema_for_checkpointing(accelerator: Accelerator, ema_model, model_cls, subfolder: str) -> None:
+    """Save and restore ``ema_model`` (a Diffusers ``EMAModel``) in every checkpoint as ``{checkpoint}/{subfolder}``:
+    the averaged weights as safetensors, the EMA counters in its config.json (no pickle, unlike
+    ``accelerator.register_for_checkpointing``). Neither hook touches the global RNG, so resume stays exact."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            with torch.random.fork_rng(devices=[]):  # building the model to save draws random initial weights
+                ema_model.save_pretrained(os.path.join(output_dir, subfolder))
+
+    def load_hook(models, input_dir):
+        with torch.random.fork_rng(devices=[]):
+            loaded = type(ema_model).from_pretrained(os.path.join(input_dir, subfolder), model_cls)
+        ema_model.load_state_dict(loaded.state_dict())
+        ema_model.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
 def check_finite_loss(loss: torch.Tensor, global_step: int) -> None:
     """Stop training on a NaN or infinite loss, before the bad update is applied or saved."""
     if not torch.isfinite(loss).all():

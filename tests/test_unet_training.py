@@ -202,7 +202,10 @@ def test_options_v_prediction_ema_accumulation_offset_xformers_fallback(stages, 
     saved = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     raw = load_file(str(out / "checkpoints" / "checkpoint-2" / "model.safetensors"))
     assert not torch.equal(saved["conv_in.weight"], raw["conv_in.weight"]), "the saved U-Net holds the EMA weights"
-    assert (out / "checkpoints" / "checkpoint-2" / "custom_checkpoint_0.pkl").is_file()  # EMA state for resume
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "unet_ema" / "diffusion_pytorch_model.safetensors").is_file()  # EMA state for resume
+    assert json.loads((checkpoint / "unet_ema" / "config.json").read_text())["optimization_step"] == 2
+    assert not list(checkpoint.glob("custom_checkpoint_*")), "EMA state is saved as safetensors, not pickled"
     assert len(losses(out)) == 2
 
 

@@ -74,6 +74,7 @@ def run(command: list[str], log_path: Path) -> float:
 
 def accelerate_launch(script: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--num_cpu_threads_per_process", str(os.cpu_count() or 1),
             "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "training" / script)]
 
 
@@ -142,9 +143,10 @@ def format_summary(summary: dict) -> str:
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in summary["seconds_per_stage"].items()]
     lines += [f"| **total** | **{summary['total_minutes'] * 60:.0f}** ({summary['total_minutes']:.1f} min) |", ""]
     text = summary["text_encoder"]
-    if text:
-        lines.append(f"- text encoder: held-out text-to-image retrieval top-1 {text.get('top1', float('nan')):.3f}, "
-                     f"top-5 {text.get('top5', float('nan')):.3f}")
+    if "top1" in text:
+        lines.append(f"- text encoder: held-out text-to-image retrieval top-1 {text['top1']:.3f}, top-5 {text['top5']:.3f}")
+    elif text:
+        lines.append("- text encoder: pretrained, not trained here (no retrieval accuracy)")
     vae = summary["vae"]
     if vae:
         lines.append(f"- VAE: held-out PSNR {vae.get('psnr', float('nan')):.2f} dB, SSIM {vae.get('ssim', float('nan')):.3f}")
@@ -153,6 +155,11 @@ def format_summary(summary: dict) -> str:
         scores = report.get("scores", {})
         lines += ["", "| category | score |", "|---|---:|"]
         lines += [f"| {name} | {value:.3f} |" for name, value in scores.items()]
+        lines.append("")
+        if "classifier_accuracy" in report:
+            lines.append(f"- scorer's object classifier, held-out accuracy on real renders: {report['classifier_accuracy']:.3f}")
+        if report.get("fid") is not None:
+            lines.append(f"- FID in the classifier's feature space: {report['fid']:.3f}")
     lines += ["", f"- sample grid: {summary['sample_grid']}", f"- pipeline: {summary['pipeline']}", ""]
     return "\n".join(lines)
 

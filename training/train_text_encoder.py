@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate_examples,
         drop_last=True, num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),  # iterators draw their seed here, not from the global RNG
     )
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
     if accelerator.is_main_process:

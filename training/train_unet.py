@@ -63,6 +63,7 @@ from ldm_pipeline.training_utils import (
     init_trackers,
     make_accelerator,
     parse_args,
+    register_ema_for_checkpointing,
     resume_from_checkpoint,
     save_checkpoint,
     train_batches,
@@ -77,6 +78,7 @@ UNET_DEFAULTS = {
     "validation_guidance_scale": 3.0,
     "validation_scheduler": "ddim",
     "cache_batch_size": 64,
+    "snapshot_steps": None,
 }
 
 
@@ -103,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Run VAE and text encoder on every step (the reference loop) instead of caching.")
     group.add_argument("--cache_dir", type=str, default=None, help="Latent/text cache directory (default OUT/../cache).")
     group.add_argument("--cache_batch_size", type=int, default=None)
+    group.add_argument("--snapshot_steps", type=int, default=None,
+                       help="Every N steps also save the (EMA) U-Net alone to OUT/snapshots/step-N (safetensors), "
+                            "for benchmarks/time_to_quality.py. Unlike checkpoints these are never pruned.")
     return parser
 
 
@@ -143,6 +148,17 @@ def step_generator(seed: int, process_index: int, micro_step: int) -> torch.Gene
     """The random draws of micro-batch ``micro_step`` depend only on (seed, process, micro_step): exact resume."""
     digest = hashlib.sha256(f"{seed}:{process_index}:{micro_step}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def save_unet_snapshot(unet: UNet2DConditionModel, ema_unet: EMAModel | None, path: Path) -> None:
+    """Save the U-Net weights sampling would use now (the EMA average when there is one) to ``path``."""
+    if ema_unet is None:
+        unet.save_pretrained(path, safe_serialization=True)
+        return
+    ema_unet.store(unet.parameters())
+    ema_unet.copy_to(unet.parameters())
+    unet.save_pretrained(path, safe_serialization=True)
+    ema_unet.restore(unet.parameters())
 
 
 def enable_xformers(unet: UNet2DConditionModel, print_fn) -> None:
@@ -220,14 +236,15 @@ def main(argv: list[str] | None = None) -> dict:
     sampler = EpochShuffleSampler(len(loader_dataset), args.seed)
     train_dataloader = torch.utils.data.DataLoader(loader_dataset, batch_size=args.train_batch_size, sampler=sampler,
                                                    collate_fn=collate_fn, drop_last=True,
-                                                   num_workers=args.dataloader_num_workers)
+                                                   num_workers=args.dataloader_num_workers,
+                                                   generator=torch.Generator().manual_seed(args.seed))
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
     ema_unet = None
     if args.use_ema:
         ema_unet = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=args.ema_decay,
                             model_cls=UNet2DConditionModel, model_config=accelerator.unwrap_model(unet).config)
         ema_unet.to(device)
-        accelerator.register_for_checkpointing(ema_unet)
+        register_ema_for_checkpointing(accelerator, ema_unet, UNet2DConditionModel, "unet_ema")
 
     # 5. Resume, trackers, log.
     global_step = resume_from_checkpoint(accelerator, args)
@@ -323,6 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
             accumulated_loss = 0.0
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, global_step)
+            if args.snapshot_steps and global_step % args.snapshot_steps == 0 and accelerator.is_main_process:
+                save_unet_snapshot(accelerator.unwrap_model(unet), ema_unet, output_dir / "snapshots" / f"step-{global_step}")
             if args.validation_steps and global_step % args.validation_steps == 0:
                 if accelerator.is_main_process:
                     validate(global_step)

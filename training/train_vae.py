@@ -36,6 +36,7 @@ from ldm_pipeline.training_utils import (
     init_trackers,
     make_accelerator,
     parse_args,
+    register_ema_for_checkpointing,
     resume_from_checkpoint,
     save_checkpoint,
     train_batches,
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.use_ema:
         ema_vae = EMAModel(vae.parameters(), decay=args.ema_decay, model_cls=AutoencoderKL, model_config=vae.config)
         ema_vae.to(device)
-        accelerator.register_for_checkpointing(ema_vae)
+        register_ema_for_checkpointing(accelerator, ema_vae, AutoencoderKL, "vae_ema")
     if accelerator.is_main_process:
         validation_dataset = build_dataset(args, split="validation")
 
