@@ -94,7 +94,9 @@ def make_tiny_vae(resolution: int = 16, seed: int = 0) -> AutoencoderKL:
     ).eval()
 
 
-def make_tiny_unet(sample_size: int = 8, cross_attention_dim: int = TINY_HIDDEN, seed: int = 0) -> UNet2DConditionModel:
+def make_tiny_unet(sample_size: int = 8, cross_attention_dim: int = TINY_HIDDEN, seed: int = 0,
+                   **overrides) -> UNet2DConditionModel:
+    """Extra ``UNet2DConditionModel`` arguments (e.g. ``addition_embed_type``) go in ``overrides``."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=sample_size,
@@ -107,6 +109,7 @@ def make_tiny_unet(sample_size: int = 8, cross_attention_dim: int = TINY_HIDDEN,
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
         norm_num_groups=8,
+        **overrides,
     ).eval()
 
 

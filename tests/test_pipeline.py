@@ -404,6 +404,24 @@ def test_matches_stable_diffusion_pipeline(components, name):
     torch.testing.assert_close(latents, expected_latents, atol=1e-5, rtol=0)
 
 
+def test_pooled_text_in_the_time_embedding_needs_no_extra_inputs(components):
+    """A U-Net that also adds the attention-pooled text embedding to its time embedding (Imagen's global text
+    conditioning, ``"addition_embed_type": "text"`` in configs/demo/unet.json) samples from ``encoder_hidden_states``
+    alone: the pipeline still equals ``StableDiffusionPipeline``, and the pooled path changes the result."""
+    unet = make_tiny_unet(IMAGE_SIZE // 2, addition_embed_type="text", addition_embed_type_num_heads=4)
+    pooled = {**components, "unet": unet}
+    ours = make_pipeline(pooled)
+    reference = StableDiffusionPipeline(**pooled, scheduler=ddim_scheduler(), safety_checker=None,
+                                        feature_extractor=None, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=4, guidance_scale=4.0, output_type="np")
+    images = ours(PROMPTS, generator=seeded(3), **kwargs).images
+    np.testing.assert_allclose(images, reference(PROMPTS, generator=seeded(3), **kwargs).images, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        unet.add_embedding.proj.weight.mul_(3.0)
+    assert np.abs(ours(PROMPTS, generator=seeded(3), **kwargs).images - images).max() > 1e-3
+
+
 # ------------------------------------------------------------------------------------------------ DDPM / DDIM formulas
 
 
