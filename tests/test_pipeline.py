@@ -376,17 +376,18 @@ REFERENCE_SCHEDULERS = {
 }
 
 
+def make_reference_pipeline(components, scheduler) -> StableDiffusionPipeline:
+    """Diffusers' own ``StableDiffusionPipeline`` on the same components (no safety checker), progress bar off."""
+    reference = StableDiffusionPipeline(**components, scheduler=scheduler, safety_checker=None,
+                                        feature_extractor=None, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
 @pytest.mark.parametrize("name", list(REFERENCE_SCHEDULERS))
 def test_matches_stable_diffusion_pipeline(components, name):
     ours = make_pipeline(components, REFERENCE_SCHEDULERS[name]())
-    reference = StableDiffusionPipeline(
-        **components,
-        scheduler=REFERENCE_SCHEDULERS[name](),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    reference.set_progress_bar_config(disable=True)
+    reference = make_reference_pipeline(components, REFERENCE_SCHEDULERS[name]())
     kwargs = dict(
         negative_prompt=["a dog", ""],
         num_images_per_prompt=2,
@@ -411,9 +412,7 @@ def test_pooled_text_in_the_time_embedding_needs_no_extra_inputs(components):
     unet = make_tiny_unet(IMAGE_SIZE // 2, addition_embed_type="text", addition_embed_type_num_heads=4)
     pooled = {**components, "unet": unet}
     ours = make_pipeline(pooled)
-    reference = StableDiffusionPipeline(**pooled, scheduler=ddim_scheduler(), safety_checker=None,
-                                        feature_extractor=None, requires_safety_checker=False)
-    reference.set_progress_bar_config(disable=True)
+    reference = make_reference_pipeline(pooled, ddim_scheduler())
     kwargs = dict(num_inference_steps=4, guidance_scale=4.0, output_type="np")
     images = ours(PROMPTS, generator=seeded(3), **kwargs).images
     np.testing.assert_allclose(images, reference(PROMPTS, generator=seeded(3), **kwargs).images, atol=1e-5, rtol=0)
