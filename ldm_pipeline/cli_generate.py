@@ -4,8 +4,8 @@
         --num_images 4 --scheduler ddim --steps 50 --guidance_scale 4 --seed 0 --out samples/
 
 writes ``OUT/<prompt>_<image>_<slug>.png`` for every image, ``OUT/grid.png`` (one row per prompt, one column per
-image) and prints their paths. The noise is drawn on the CPU from ``--seed``, so a seed gives the same images
-on every device.
+image, upscaled ``--grid_scale`` times) and prints their paths. The noise is drawn on the CPU from ``--seed``, so a
+seed gives the same images on every device.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import make_image_grid
+from PIL import Image
 
 from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline
 from ldm_pipeline.schedulers import SCHEDULER_NAMES
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=None, help="Image height (default: the U-Net's sample size).")
     parser.add_argument("--width", type=int, default=None, help="Image width (default: the U-Net's sample size).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid_scale", type=int, default=1,
+                        help="Upscale factor (nearest neighbour) of grid.png, for small images; the images stay as made.")
     parser.add_argument("--out", required=True, help="Output directory.")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -54,6 +57,8 @@ def generate(args: argparse.Namespace) -> list[Path]:
     """Write the images and the grid for parsed ``args``; returns their paths (the grid last)."""
     if args.num_images <= 0:
         raise SystemExit(f"ldm-generate: --num_images must be positive, got {args.num_images}.")
+    if args.grid_scale <= 0:
+        raise SystemExit(f"ldm-generate: --grid_scale must be positive, got {args.grid_scale}.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     try:
@@ -90,7 +95,10 @@ def generate(args: argparse.Namespace) -> list[Path]:
         image.save(path)
         paths.append(path)
     grid_path = out_dir / "grid.png"
-    make_image_grid(images, rows=len(args.prompt), cols=args.num_images).save(grid_path)
+    grid = make_image_grid(images, rows=len(args.prompt), cols=args.num_images)
+    if args.grid_scale > 1:
+        grid = grid.resize((grid.width * args.grid_scale, grid.height * args.grid_scale), Image.Resampling.NEAREST)
+    grid.save(grid_path)
     paths.append(grid_path)
     return paths
 

@@ -47,3 +47,16 @@ def test_skip_existing_reuses_finished_stages(tmp_path, monkeypatch):
     scripts = [" ".join(command) for command in launched]
     assert not any("train_text_encoder.py" in s for s in scripts)
     assert any("train_vae.py" in s for s in scripts) and any("train_unet.py" in s for s in scripts)
+
+
+def test_every_config_set_trains_its_stages_at_one_resolution():
+    """The U-Net's latents come from the VAE at the U-Net's resolution: a VAE trained at another size would be
+    asked to encode images it never saw (and the text encoder's image tower learns on the same images)."""
+    for config_dir in sorted(p for p in (REPO / "configs").iterdir() if p.is_dir()):
+        resolutions = {}
+        for name in ("text_encoder.json", "text_encoder_clip.json", "vae.json", "unet.json"):
+            path = config_dir / name
+            if path.exists():
+                resolutions[name] = json.loads(path.read_text())["data"]["resolution"]
+        assert "vae.json" in resolutions and "unet.json" in resolutions, config_dir
+        assert len(set(resolutions.values())) == 1, f"{config_dir.name}: {resolutions}"

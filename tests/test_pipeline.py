@@ -708,9 +708,9 @@ def test_cli_size_negative_prompt_and_scheduler_flags(tiny_pipeline_dir, tmp_pat
     out = tmp_path / "cli"
     argv = ["--model", str(tiny_pipeline_dir), "--prompt", "a red cat", "--num_images", "2", "--scheduler", "dpm++",
             "--steps", "2", "--guidance_scale", "3", "--seed", "1", "--height", "8", "--width", "24",
-            "--negative_prompt", "a dog", "--out", str(out)]
+            "--negative_prompt", "a dog", "--grid_scale", "3", "--out", str(out)]
     generate_main(argv)
-    assert Image.open(out / "grid.png").size == (2 * 24, 8)
+    assert Image.open(out / "grid.png").size == (3 * 2 * 24, 3 * 8)
     images = sorted(out.glob("000_00*.png"))
     assert len(images) == 2
 

@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     prompts = [arg for prompt in SAMPLE_PROMPTS for arg in ("--prompt", prompt)]
     stages.append(("samples", samples_dir / "grid.png",
                    [sys.executable, "-m", "ldm_pipeline.cli_generate", "--model", str(pipeline_dir), *prompts,
-                    "--num_images", "1", "--out", str(samples_dir)] + sampling + seed))
+                    "--num_images", "1", "--grid_scale", "4", "--out", str(samples_dir)] + sampling + seed))
 
     timings = {}
     for name, done_marker, command in stages:
