@@ -25,6 +25,7 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_shapes.py
 	$(PY) benchmarks/bench_unet_training.py
+	$(PY) benchmarks/bench_unet_training.py --size gpu --steps 5 --batch_size 8 --check
 	$(PY) benchmarks/bench_pipeline.py
 
 clean:

@@ -3,7 +3,7 @@ same components, scheduler, prompts and seed, in the same process.
 
     python benchmarks/bench_pipeline.py [--model runs/demo/pipeline] [--steps 25] [--repeats 7] [--threads 1]
 
-Without ``--model`` the components are random with the demo's shapes (64 px images, VAE factor 4, 16x16x4
+Without ``--model`` the components are random with the demo's shapes (32 px images, VAE factor 4, 8x8x8
 latents, CLIP text encoder). The two pipelines run alternately (``repeats`` rounds, order swapped every round,
 after one warm-up call each) and the median seconds per image are compared; the outputs are checked to agree.
 ratio = ours / StableDiffusionPipeline (target <= 1.0), on this process's CPU time (with one thread it is the work
@@ -52,10 +52,10 @@ def random_components(resolution: int, seed: int = 0) -> dict:
     ))
     vae = AutoencoderKL(
         down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-        block_out_channels=[32, 64, 64], latent_channels=4, norm_num_groups=16, sample_size=resolution,
+        block_out_channels=[32, 64, 64], latent_channels=8, norm_num_groups=16, sample_size=resolution,
     )
     unet = UNet2DConditionModel(
-        sample_size=resolution // 4, in_channels=4, out_channels=4,
+        sample_size=resolution // 4, in_channels=8, out_channels=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=128, attention_head_dim=8,
@@ -82,7 +82,7 @@ def seconds(pipe, args) -> tuple[float, float, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="A pipeline directory (default: random demo-sized components).")
-    parser.add_argument("--resolution", type=int, default=64, help="Image size of the random components.")
+    parser.add_argument("--resolution", type=int, default=32, help="Image size of the random components.")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=4.0)
     parser.add_argument("--num_prompts", type=int, default=4, choices=range(1, len(PROMPTS) + 1))

@@ -3,12 +3,14 @@
     ldm-eval --model runs/demo/pipeline --num_images 20 --seed 0 --out runs/demo/eval \\
         [--scheduler ddim --steps 50 --guidance_scale 4 --batch_size 16 --inception_weights PATH]
     ldm-eval --real --resolution 64 --num_images 20 --out runs/real_eval     # the dataset's own renders
+    ldm-eval --vae runs/demo/vae_stage --num_images 20 --out runs/vae_eval   # the VAE's reconstructions of them
 
 Generates ``--num_images`` images per category for the fixed prompt set ``make_prompt_set(num_images, seed)``
 (image ``k`` from noise seeded ``seed * 1_000_003 + k``), scores them from their pixels
 (``ldm_pipeline.evaluation.scoring``) and computes the FID in the object classifier's feature space against
 real renders of the same prompts' scenes (``--real``: against renders of the prompt set of ``seed + 1``, i.e.
-the FID floor at this sample size). Writes ``OUT/report.json``, ``OUT/report.md`` (also printed),
+the FID floor at this sample size; ``--vae``: the renders passed through the VAE's encoder (posterior mean) and
+decoder, i.e. the ceiling that any U-Net on this VAE can reach). Writes ``OUT/report.json``, ``OUT/report.md`` (also printed),
 ``OUT/grid_<category>.png`` (each image labelled with its prompt and a green tick or red cross),
 ``OUT/judgements.json`` (per image: verdict, reason, objects seen) and ``OUT/samples/``.
 """
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="Pipeline directory (LatentDiffusionPipeline.save_pretrained).")
     source.add_argument("--real", action="store_true", help="Score the dataset's own renders (sanity check).")
+    source.add_argument("--vae", help="VAE stage output (or vae) directory: score its reconstructions of the renders.")
     parser.add_argument("--num_images", type=int, default=20, help="Images per category (six categories).")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the prompt set and the initial noise.")
     parser.add_argument("--out", required=True, help="Output directory.")
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance_scale", type=float, default=4.0, help="Classifier-free guidance scale.")
     parser.add_argument("--batch_size", type=int, default=16, help="Images generated per pipeline call.")
     parser.add_argument("--resolution", type=int, default=None,
-                        help="Image size (default: the pipeline's; 64 with --real).")
+                        help="Image size (default: the pipeline's or VAE's; 64 with --real).")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
     parser.add_argument("--classifier", default=None, help=f"Object classifier directory (default: {WEIGHTS_DIR}).")
     parser.add_argument("--inception_weights", default=None,
@@ -138,6 +141,32 @@ def labelled_grid(images: list[Image.Image], judgements: list[Judgement], column
     return grid
 
 
+def reconstruct_images(args: argparse.Namespace, prompt_set) -> tuple[list[Image.Image], dict]:
+    """The prompt set's renders through ``args.vae`` (decode of the posterior mean); returns (images, settings)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from ldm_pipeline.vae import reconstruct, to_unit_range
+
+    root = Path(args.vae)
+    vae_dir = root / "vae" if (root / "vae" / "config.json").is_file() else root
+    if not (vae_dir / "config.json").is_file():
+        raise SystemExit(f"ldm-eval: --vae {args.vae}: no vae/config.json or config.json there.")
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    resolution = args.resolution or vae.config.sample_size
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise SystemExit(f"ldm-eval: --resolution {resolution} is not divisible by the VAE's factor {factor}.")
+    renders = render_prompt_set(prompt_set, resolution)
+    images = []
+    for first in range(0, len(renders), args.batch_size):
+        batch = np.stack([np.asarray(image, dtype=np.float32) for image in renders[first : first + args.batch_size]])
+        pixel_values = torch.from_numpy(batch).permute(0, 3, 1, 2) / 127.5 - 1
+        decoded = to_unit_range(reconstruct(vae, pixel_values)).permute(0, 2, 3, 1).numpy()
+        images += [Image.fromarray((array * 255).round().astype(np.uint8)) for array in decoded]
+    return images, {"resolution": resolution, "vae": str(vae_dir)}
+
+
 def markdown_report(report: dict) -> str:
     scores, counts = report["scores"], report["num_images_per_category"]
     lines = [f"# ldm-eval: {report['model']}", "", "| category | score | images |", "|---|---:|---:|"]
@@ -178,6 +207,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         reference = render_prompt_set(make_prompt_set(args.num_images, args.seed + 1), resolution)
         settings = {"resolution": resolution}
         fid_reference = f"vs real renders of the prompt set of seed {args.seed + 1}: the FID floor for this size"
+    elif args.vae:
+        images, settings = reconstruct_images(args, prompt_set)
+        reference = render_prompt_set(prompt_set, settings["resolution"])
+        fid_reference = "vs the real renders that were reconstructed"
     else:
         images, settings = generate_images(args, captions)
         reference = render_prompt_set(prompt_set, settings["resolution"])
@@ -200,7 +233,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         "inception_fid_note": inception_fid_unavailable_reason(args.inception_weights),
         "num_images": len(images),
         "num_images_per_category": {c: sum(p.category == c for p in prompt_set) for c in CATEGORIES},
-        "model": "real renders (--real)" if args.real else str(args.model),
+        "model": ("real renders (--real)" if args.real
+                  else f"VAE reconstructions ({args.vae})" if args.vae else str(args.model)),
         "unet": getattr(args, "unet", None),
         "settings": settings,
     }

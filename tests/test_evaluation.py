@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from scipy import linalg, ndimage
 
+from conftest import make_tiny_vae
 from ldm_pipeline.cli_eval import main as eval_main
 from ldm_pipeline.data.shapes import (
     CATEGORIES,
@@ -41,6 +42,7 @@ from ldm_pipeline.evaluation.train_classifier import (
     labelled_crops,
     train,
 )
+from ldm_pipeline.vae import reconstruct
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +290,29 @@ def test_ldm_eval_real_mode(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["scores"]["overall"] >= 0.95
     assert report["model"] == "real renders (--real)"
+
+
+def test_ldm_eval_vae_mode_scores_the_reconstructions_of_the_renders(tmp_path):
+    vae = make_tiny_vae(resolution=32)
+    vae.save_pretrained(tmp_path / "vae_stage" / "vae")
+    out = tmp_path / "vae_eval"
+    eval_main(["--vae", str(tmp_path / "vae_stage"), "--num_images", "2", "--batch_size", "5", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["resolution"] == 32 and report["model"].startswith("VAE reconstructions")
+    assert report["num_images"] == 12 and set(report["scores"]) == set(CATEGORIES) | {"overall"}
+
+    prompt = make_prompt_set(2, seed=0)[5]
+    render = np.asarray(render_prompt_set([prompt], 32)[0], dtype=np.float32)
+    pixel_values = torch.from_numpy(render).permute(2, 0, 1)[None] / 127.5 - 1
+    expected = ((reconstruct(vae.eval(), pixel_values)[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy()
+    saved = np.asarray(Image.open(out / "samples" / f"{prompt.category}_{prompt.index:04d}.png"))
+    np.testing.assert_allclose(saved, (expected * 255).round(), atol=1)
+
+    with pytest.raises(SystemExit, match="no vae/config.json"):
+        eval_main(["--vae", str(tmp_path / "nowhere"), "--num_images", "1", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="not divisible by the VAE's factor"):
+        eval_main(["--vae", str(tmp_path / "vae_stage"), "--resolution", "31", "--num_images", "1",
+                   "--out", str(tmp_path / "o")])
 
 
 def test_ldm_eval_bad_input(tmp_path):
