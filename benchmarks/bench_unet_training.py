@@ -92,10 +92,11 @@ def removed_work_seconds(text_dir, vae_dir, argv: list[str], repeats: int = 3) -
     from ldm_pipeline.data import build_dataset, collate_examples
     from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
     from ldm_pipeline.text_encoder import load_pretrained_text_encoder
+    from ldm_pipeline.vae import load_vae
 
     args = train_unet.parse_args(train_unet.build_parser(), argv)
     tokenizer, text_encoder = load_pretrained_text_encoder(text_dir)
-    vae = train_unet.load_vae(str(vae_dir)).eval()
+    vae = load_vae(str(vae_dir)).eval()
     dataset = build_dataset(args, split="train")
     timings = {"data": [], "vae_encode": [], "text_encode": []}
     for r in range(repeats):

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def to_pil_images(arrays: np.ndarray) -> list[Image.Image]:
+    """[N, H, W, 3] floats in [0, 1] -> uint8 RGB PIL images."""
+    return [Image.fromarray((array * 255).round().clip(0, 255).astype(np.uint8)) for array in arrays]
+
+
 def generate_images(args: argparse.Namespace, prompts: list[str]) -> tuple[list[Image.Image], dict]:
     """Sample one image per prompt with the pipeline in ``args.model``; returns (images, settings)."""
     import torch
@@ -98,7 +103,7 @@ def generate_images(args: argparse.Namespace, prompts: list[str]) -> tuple[list[
                           height=size, width=size, generator=generators, output_type="np").images
         except ValueError as error:
             raise SystemExit(f"ldm-eval: {error}") from error
-        images += [Image.fromarray((array * 255).round().clip(0, 255).astype(np.uint8)) for array in output]
+        images += to_pil_images(output)
     settings = {"scheduler": pipe.scheduler.__class__.__name__, "steps": args.steps,
                 "guidance_scale": args.guidance_scale, "batch_size": args.batch_size, "device": device,
                 "resolution": images[0].width, "generation_seconds": round(time.time() - start, 2)}
@@ -144,15 +149,14 @@ def labelled_grid(images: list[Image.Image], judgements: list[Judgement], column
 def reconstruct_images(args: argparse.Namespace, prompt_set) -> tuple[list[Image.Image], dict]:
     """The prompt set's renders through ``args.vae`` (decode of the posterior mean); returns (images, settings)."""
     import torch
-    from diffusers import AutoencoderKL
 
-    from ldm_pipeline.vae import reconstruct, to_unit_range
+    from ldm_pipeline.data.datasets import image_to_tensor
+    from ldm_pipeline.vae import load_vae, reconstruct, to_unit_range
 
-    root = Path(args.vae)
-    vae_dir = root / "vae" if (root / "vae" / "config.json").is_file() else root
-    if not (vae_dir / "config.json").is_file():
-        raise SystemExit(f"ldm-eval: --vae {args.vae}: no vae/config.json or config.json there.")
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    try:
+        vae = load_vae(args.vae).eval()
+    except OSError as error:
+        raise SystemExit(f"ldm-eval: {error}") from error
     resolution = args.resolution or vae.config.sample_size
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % factor:
@@ -160,11 +164,9 @@ def reconstruct_images(args: argparse.Namespace, prompt_set) -> tuple[list[Image
     renders = render_prompt_set(prompt_set, resolution)
     images = []
     for first in range(0, len(renders), args.batch_size):
-        batch = np.stack([np.asarray(image, dtype=np.float32) for image in renders[first : first + args.batch_size]])
-        pixel_values = torch.from_numpy(batch).permute(0, 3, 1, 2) / 127.5 - 1
-        decoded = to_unit_range(reconstruct(vae, pixel_values)).permute(0, 2, 3, 1).numpy()
-        images += [Image.fromarray((array * 255).round().astype(np.uint8)) for array in decoded]
-    return images, {"resolution": resolution, "vae": str(vae_dir)}
+        pixel_values = torch.stack([image_to_tensor(image) for image in renders[first : first + args.batch_size]])
+        images += to_pil_images(to_unit_range(reconstruct(vae, pixel_values)).permute(0, 2, 3, 1).numpy())
+    return images, {"resolution": resolution, "vae": str(args.vae)}
 
 
 def markdown_report(report: dict) -> str:

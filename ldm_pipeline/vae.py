@@ -64,6 +64,18 @@ def vae_downsampling_factor(model_config: dict) -> int:
     return 2 ** (len(channels) - 1)
 
 
+def load_vae(name_or_path: str) -> AutoencoderKL:
+    """The VAE of a stage output dir (``DIR/vae``), a VAE dir itself, or a Hub repo's ``vae`` subfolder."""
+    root = Path(name_or_path)
+    if (root / "vae" / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(root / "vae")
+    if (root / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(root)
+    if root.exists() or root.is_absolute() or name_or_path.startswith("."):
+        raise FileNotFoundError(f"--vae {name_or_path}: no vae/config.json or config.json there. Pass the VAE stage's output dir.")
+    return AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
+
+
 def validate_vae_config(model_config: dict, resolution: int | None = None) -> None:
     """Fail early, with a message saying what to change, when the parts of a VAE config do not fit together."""
     kwargs = autoencoder_kwargs(model_config)

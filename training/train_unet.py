@@ -68,6 +68,7 @@ from ldm_pipeline.training_utils import (
     save_checkpoint,
     train_batches,
 )
+from ldm_pipeline.vae import load_vae
 
 UNET_DEFAULTS = {
     "snr_gamma": None,
@@ -109,18 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Every N steps also save the (EMA) U-Net alone to OUT/snapshots/step-N (safetensors), "
                             "for benchmarks/time_to_quality.py. Unlike checkpoints these are never pruned.")
     return parser
-
-
-def load_vae(name_or_path: str) -> AutoencoderKL:
-    """The VAE of a stage output dir (``DIR/vae``), a VAE dir itself, or a Hub repo's ``vae`` subfolder."""
-    root = Path(name_or_path)
-    if (root / "vae" / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(root / "vae")
-    if (root / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(root)
-    if root.exists() or root.is_absolute() or name_or_path.startswith("."):
-        raise FileNotFoundError(f"--vae {name_or_path}: no vae/config.json or config.json there. Pass the VAE stage's output dir.")
-    return AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
 
 
 def load_text_stage(name_or_path: str):
