@@ -14,7 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from ldm_pipeline.data import ShapesDataset, add_data_args, build_dataset  # noqa: E402
+from ldm_pipeline.config import DataConfig  # noqa: E402
+from ldm_pipeline.data import ShapesDataset, build_dataset  # noqa: E402
 
 
 def images_per_second(dataset, num_images: int) -> float:
@@ -35,10 +36,8 @@ def main() -> None:
     torch.set_num_threads(1)
 
     images = images_per_second(ShapesDataset(args.num_images, args.resolution, args.seed), args.num_images)
-    data_args = add_data_args(argparse.ArgumentParser()).parse_args(
-        ["--resolution", str(args.resolution), "--num_train_samples", str(args.num_images),
-         "--data_seed", str(args.seed)])
-    items = images_per_second(build_dataset(data_args, "train"), args.num_images)
+    data = DataConfig(resolution=args.resolution, num_train_samples=args.num_images, data_seed=args.seed)
+    items = images_per_second(build_dataset(data, "train"), args.num_images)
     print(f"shapes @ {args.resolution}px, 1 thread: {images:,.0f} images/s (PIL), {items:,.0f} training items/s (tensor)")
 
 

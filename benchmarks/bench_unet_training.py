@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.state import AcceleratorState
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training"))
-import train_unet  # noqa: E402
+sys.path.insert(0, str(REPO))
+from ldm_pipeline.trainer import run_in_process  # noqa: E402
+from training import train_unet  # noqa: E402
 
 REQUIRED_SPEEDUP = 1.5
 
@@ -70,11 +69,9 @@ def build_random_stages(size: str, root: Path, resolution: int) -> tuple[Path, P
 
 
 def run(argv: list[str]) -> tuple[dict, float]:
-    AcceleratorState._reset_state(reset_partial_state=True)
     start = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):
-        metrics = train_unet.main(argv)
-    AcceleratorState._reset_state(reset_partial_state=True)
+        metrics = run_in_process(train_unet.main, argv)
     return metrics, time.perf_counter() - start
 
 
@@ -89,15 +86,17 @@ def steady_seconds_per_step(output_dir: Path) -> float:
 @torch.no_grad()
 def removed_work_seconds(text_dir, vae_dir, argv: list[str], repeats: int = 3) -> dict:
     """Median seconds per batch of the parts the cache removes: data loading, VAE encode, text encode."""
+    from ldm_pipeline.config import load_stage_config
     from ldm_pipeline.data import build_dataset, collate_examples
     from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
     from ldm_pipeline.text_encoder import load_pretrained_text_encoder
     from ldm_pipeline.vae import load_vae
 
-    args = train_unet.parse_args(train_unet.build_parser(), argv)
+    config = load_stage_config("unet", argv)
+    args = config.training
     tokenizer, text_encoder = load_pretrained_text_encoder(text_dir)
     vae = load_vae(str(vae_dir)).eval()
-    dataset = build_dataset(args, split="train")
+    dataset = build_dataset(config.data, split="train")
     timings = {"data": [], "vae_encode": [], "text_encode": []}
     for r in range(repeats):
         start = time.perf_counter()
@@ -139,7 +138,7 @@ def main() -> int:
         common = ["--config", str(config_path), "--text_encoder", str(text_dir), "--vae", str(vae_dir),
                   "--max_train_steps", str(options.steps), "--train_batch_size", str(batch_size),
                   "--num_train_samples", str(num_samples), "--checkpointing_steps", str(10**9),
-                  "--validation_steps", "0", "--report_to", "none", "--cache_dir", str(root / "cache")]
+                  "--report_to", "none", "--cache_dir", str(root / "cache")]
         if not torch.cuda.is_available():
             common += ["--mixed_precision", "no"]
         build_metrics, build_seconds = run(common + ["--output_dir", str(root / "build")])

@@ -32,12 +32,6 @@ from safetensors.torch import load_file, save_file
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 
 CACHE_FORMAT_VERSION = "1"
-DATA_ARG_NAMES = (
-    "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "caption_column", "resolution",
-    "center_crop", "random_crop", "random_flip", "num_train_samples", "num_validation_samples", "data_seed",
-    "max_train_samples",
-)
-
 
 # ------------------------------------------------------------------------------------------------ fingerprints
 
@@ -65,26 +59,10 @@ def fingerprint_tokenizer(tokenizer) -> str:
     return hashlib.sha256(f"{rules}|{tokenizer.model_max_length}|{special}".encode()).hexdigest()
 
 
-def data_fingerprint(args, split: str, dataset: Sequence | None = None) -> str:
-    """``ldm_pipeline.data.dataset_fingerprint(args, split)`` when the data package provides it; otherwise a hash
-    of the arguments that define the data (name, directory, columns, resolution, crop/flip, sizes, seed) and
-    the dataset length. (The fallback does not see edits to files inside ``--train_data_dir``.)"""
-    try:
-        from ldm_pipeline.data import dataset_fingerprint
-    except ImportError:
-        dataset_fingerprint = None
-    if dataset_fingerprint is not None:
-        return str(dataset_fingerprint(args, split))
-    described = {name: getattr(args, name, None) for name in DATA_ARG_NAMES}
-    described.update(split=split, length=None if dataset is None else len(dataset))
-    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def cache_key(vae, text_encoder, tokenizer, data_key: str) -> str:
-    """The cache's identity: one hash over VAE, text encoder, tokenizer and data fingerprints."""
-    parts = [CACHE_FORMAT_VERSION, fingerprint_model(vae), fingerprint_model(text_encoder),
-             fingerprint_tokenizer(tokenizer), data_key]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+def cache_key(frozen_fingerprints: dict[str, str], data_key: str) -> str:
+    """The cache's identity: one hash over the VAE, text encoder and tokenizer fingerprints and the data's."""
+    parts = [CACHE_FORMAT_VERSION] + [frozen_fingerprints[name] for name in ("vae", "text_encoder", "tokenizer")]
+    return hashlib.sha256("|".join(parts + [data_key]).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ the cache
@@ -223,3 +201,16 @@ def sample_latents(
     if shift_factor is not None:
         latents = latents - shift_factor
     return latents * scaling_factor
+
+
+def load_shared_cache(accelerator, cache_dir: str | os.PathLike, split: str, key: str,
+                      compute: Callable[[], LatentCache]) -> LatentCache:
+    """The cache for ``key``: the main process reuses or computes it first, then every other process reads the
+    file it wrote (the frozen models run once, not once per process)."""
+    cache = None
+    if accelerator.is_main_process:
+        cache, _ = load_or_compute_cache(cache_dir, split, key, compute, accelerator.print)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        cache, _ = load_or_compute_cache(cache_dir, split, key, compute, accelerator.print)
+    return cache

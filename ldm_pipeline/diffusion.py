@@ -1,24 +1,29 @@
 """The DDPM training objective in latent space, as small exact functions.
 
-Notation of the seed notes (DDPM, Ho et al. 2020; /work/shared/seeds/001, eq. "q(x_t|x_0)"):
+Notation of DDPM (Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239):
 
     α_t = 1 - β_t,   ᾱ_t = ∏_{i=1}^t α_i
-    x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε,          ε ~ N(0, I)         q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I)
-    L_simple = E_{t, x_0, ε} || ε - ε_θ(x_t, t, c) ||²                 (seed notes 001 / 003, "Training")
+    x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε,   ε ~ N(0, I)      q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I)   (eq. 4)
+    L_simple = E_{t, x_0, ε} || ε - ε_θ(x_t, t, c) ||²                                                (eq. 14)
 
-In a latent diffusion model (LDM, Rombach et al. 2022; seed notes 004) x_0 is the scaled VAE latent z_0 and c
-the text encoder's hidden states. Besides ε-prediction the U-Net can predict the velocity
-(Salimans & Ho 2022) v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0. Min-SNR-γ weighting (Hang et al. 2023) uses
-SNR(t) = ᾱ_t / (1 - ᾱ_t).
+In a latent diffusion model (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
+Models", arXiv:2112.10752, eq. 2) x_0 is the scaled VAE latent z_0 and c the text encoder's hidden states.
+Besides ε-prediction the U-Net can predict the velocity v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho
+2022, "Progressive Distillation for Fast Sampling of Diffusion Models", arXiv:2202.00512, sec. 4). Min-SNR-γ
+weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", arXiv:2303.09556)
+uses SNR(t) = ᾱ_t / (1 - ᾱ_t).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+
+from ldm_pipeline.config import closest
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -40,6 +45,10 @@ def build_noise_scheduler(config: dict | None = None, prediction_type: str | Non
     (overridden by the ``prediction_type`` argument when given). ``clip_sample`` is always False: latents are
     not confined to [-1, 1].
     """
+    accepted = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+    unknown = sorted(set(config or {}) - accepted)
+    if unknown:
+        raise ValueError(f"model.noise_scheduler.{unknown[0]} is not a DDPMScheduler argument.{closest(unknown[0], accepted)}")
     kwargs = {**SCHEDULE_DEFAULTS, **(config or {})}
     if prediction_type is not None:
         kwargs["prediction_type"] = prediction_type
@@ -60,7 +69,7 @@ def _at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tenso
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε  (DDPM forward process in closed form, seed notes 001 eq. q(x_t|x_0))."""
+    """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε  (DDPM's forward process in closed form, Ho et al. 2020, eq. 4)."""
     abar = _at(alphas_cumprod, timesteps, x0)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
@@ -129,12 +138,6 @@ def caption_dropout_mask(batch_size: int, probability: float, generator: torch.G
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"caption_dropout_prob must be in [0, 1], got {probability}.")
     return torch.rand(batch_size, generator=generator) < probability
-
-
-def drop_captions(captions: Sequence[str], probability: float, generator: torch.Generator | None = None) -> list[str]:
-    """``captions`` with each one replaced by "" with probability ``probability`` (see ``caption_dropout_mask``)."""
-    mask = caption_dropout_mask(len(captions), probability, generator)
-    return ["" if drop else caption for caption, drop in zip(captions, mask.tolist())]
 
 
 def diffusion_loss(

@@ -37,6 +37,9 @@ from transformers import (
     T5EncoderModel,
 )
 
+from ldm_pipeline.config import local_or_hub
+from ldm_pipeline.prompt_encoding import tokenize_prompts
+
 ARCHITECTURES = ("clip", "t5")
 PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN)  # ids 0, 1, 2, 3 in a trained vocabulary
@@ -167,7 +170,7 @@ def pooled_text_features(
 
 
 def load_pretrained_text_encoder(
-    name_or_path: str | os.PathLike,
+    name_or_path: str | os.PathLike, flag: str = "--pretrained_text_encoder",
 ) -> tuple[PreTrainedTokenizerBase, CLIPTextModel | T5EncoderModel]:
     """``(tokenizer, text_encoder)`` from a Hub name or a directory.
 
@@ -176,12 +179,11 @@ def load_pretrained_text_encoder(
     follows the config's ``model_type``: ``clip``/``clip_text_model`` -> ``CLIPTextModel``, ``t5``/``mt5``/``umt5``
     -> ``T5EncoderModel``.
     """
+    name_or_path = local_or_hub(name_or_path, flag)
     root = Path(name_or_path)
     if root.is_dir() and (root / "text_encoder").is_dir() and (root / "tokenizer").is_dir():
         model_path, tokenizer_path = root / "text_encoder", root / "tokenizer"
     else:
-        if (root.is_absolute() or str(name_or_path).startswith(".")) and not root.exists():
-            raise FileNotFoundError(f"--pretrained_text_encoder {name_or_path}: no such directory.")
         model_path = tokenizer_path = name_or_path
     model_type = AutoConfig.from_pretrained(model_path).model_type
     if model_type in ("clip", "clip_text_model"):
@@ -190,7 +192,7 @@ def load_pretrained_text_encoder(
         model_class = T5EncoderModel
     else:
         raise ValueError(
-            f"{name_or_path} is a {model_type!r} model: --pretrained_text_encoder expects a CLIP or a T5 checkpoint."
+            f"{flag} {name_or_path} is a {model_type!r} model: a CLIP or a T5 text encoder is expected."
         )
     return AutoTokenizer.from_pretrained(tokenizer_path), model_class.from_pretrained(model_path)
 
@@ -339,3 +341,19 @@ def retrieval_accuracy(
     metrics = {f"top{kk}": hits[:, :kk].any(dim=1).float().mean().item() for kk in k}
     metrics["chance_top1"] = correct.float().mean(dim=1).mean().item()
     return metrics
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: TextImageContrastiveModel, tokenizer, dataloader, device) -> dict:
+    """Held-out text-to-image retrieval: every caption ranks every held-out image (see ``retrieval_accuracy``)."""
+    was_training = model.training
+    model.eval()
+    text_embeds, image_embeds, captions = [], [], []
+    for batch in dataloader:
+        tokens = tokenize_prompts(tokenizer, batch["captions"])
+        text_embeds.append(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).cpu())
+        image_embeds.append(model.encode_image(batch["pixel_values"].to(device)).cpu())
+        captions += batch["captions"]
+    model.train(was_training)
+    metrics = retrieval_accuracy(torch.cat(text_embeds), torch.cat(image_embeds), captions, k=(1, 5))
+    return {**metrics, "num_pairs": len(captions)}

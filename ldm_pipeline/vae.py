@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
+from ldm_pipeline.config import local_or_hub
+
 logger = logging.getLogger(__name__)
 
 ADAPTIVE_WEIGHT_EPS = 1e-4
@@ -58,21 +60,34 @@ def autoencoder_kwargs(model_config: dict) -> dict:
     return kwargs
 
 
-def vae_downsampling_factor(model_config: dict) -> int:
-    """f = 2 ** (len(block_out_channels) - 1): every encoder block but the last halves the image size."""
-    channels = autoencoder_kwargs(model_config).get("block_out_channels", (64,))
+def vae_scale_factor(vae) -> int:
+    """f = 2 ** (len(block_out_channels) - 1): every encoder block but the last halves the image size.
+
+    ``vae`` is an ``AutoencoderKL``, its ``config``, or a VAE stage config's ``model`` section."""
+    if isinstance(vae, dict) and "autoencoder" in vae:
+        channels = autoencoder_kwargs(vae).get("block_out_channels", (64,))
+    else:
+        config = getattr(vae, "config", vae)
+        channels = config["block_out_channels"] if isinstance(config, dict) else config.block_out_channels
     return 2 ** (len(channels) - 1)
 
 
-def load_vae(name_or_path: str) -> AutoencoderKL:
+def load_vae(name_or_path: str, flag: str = "--vae") -> AutoencoderKL:
     """The VAE of a stage output dir (``DIR/vae``), a VAE dir itself, or a Hub repo's ``vae`` subfolder."""
     root = Path(name_or_path)
+    if not root.exists():
+        try:
+            name_or_path = local_or_hub(name_or_path, flag)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{flag} {name_or_path}: no such directory, so no vae/config.json or config.json "
+                                    "there. Pass the VAE stage's output dir.") from None
     if (root / "vae" / "config.json").is_file():
         return AutoencoderKL.from_pretrained(root / "vae")
     if (root / "config.json").is_file():
         return AutoencoderKL.from_pretrained(root)
-    if root.exists() or root.is_absolute() or name_or_path.startswith("."):
-        raise FileNotFoundError(f"--vae {name_or_path}: no vae/config.json or config.json there. Pass the VAE stage's output dir.")
+    if root.exists():
+        raise FileNotFoundError(f"{flag} {name_or_path}: no vae/config.json or config.json there. Pass the VAE "
+                                "stage's output dir.")
     return AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
 
 
@@ -205,6 +220,50 @@ def adaptive_weight(rec_loss: torch.Tensor, generator_loss: torch.Tensor, last_l
 
 def decoder_last_layer(vae: AutoencoderKL) -> torch.Tensor:
     return vae.decoder.conv_out.weight
+
+
+class AutoencoderLoss:
+    """The whole LDM autoencoder objective of the module docstring, as one object.
+
+    ``autoencoder_loss`` gives L_AE for the autoencoder's update and ``discriminator_loss`` L_D for the
+    discriminator's; both return ``(loss, parts)`` with the terms to log. The PatchGAN terms are on from
+    ``disc_start``; LPIPS is on when ``lpips`` is given.
+    """
+
+    def __init__(self, discriminator: nn.Module, kl_weight: float, disc_start: int, disc_weight: float,
+                 lpips: nn.Module | None = None, perceptual_weight: float = 1.0):
+        self.discriminator, self.lpips = discriminator, lpips
+        self.kl_weight, self.disc_start, self.disc_weight = kl_weight, disc_start, disc_weight
+        self.perceptual_weight = perceptual_weight
+
+    def gan_on(self, global_step: int) -> float:
+        return discriminator_factor(global_step, self.disc_start)
+
+    def autoencoder_loss(self, pixel_values: torch.Tensor, reconstruction: torch.Tensor, posterior,
+                         last_layer: torch.Tensor, global_step: int) -> tuple[torch.Tensor, dict]:
+        """L_AE = L_rec + kl_weight · L_KL + disc_factor · lambda · L_G."""
+        rec_loss = F.l1_loss(reconstruction, pixel_values)
+        if self.lpips is not None:
+            rec_loss = rec_loss + self.perceptual_weight * self.lpips(pixel_values, reconstruction).mean()
+        kl = kl_loss(posterior, pixel_values[0].numel())
+        loss = rec_loss + self.kl_weight * kl
+        parts = {"rec_loss": rec_loss, "kl_loss": kl}
+        gan_on = self.gan_on(global_step)
+        if gan_on:
+            self.discriminator.requires_grad_(False)
+            g_loss = generator_adversarial_loss(self.discriminator(reconstruction))
+            self.discriminator.requires_grad_(True)
+            gan_weight = adaptive_weight(rec_loss, g_loss, last_layer, self.disc_weight)
+            loss = loss + gan_on * gan_weight * g_loss
+            parts.update(g_loss=g_loss, gan_weight=gan_weight)
+        return loss, parts
+
+    def discriminator_loss(self, discriminator: nn.Module, pixel_values: torch.Tensor, reconstruction: torch.Tensor,
+                           global_step: int) -> tuple[torch.Tensor, dict]:
+        """L_D on real images and detached reconstructions, through ``discriminator`` (the prepared module)."""
+        logits_real, logits_fake = discriminator(torch.cat([pixel_values, reconstruction.detach()])).chunk(2)
+        d_loss = self.gan_on(global_step) * hinge_discriminator_loss(logits_real, logits_fake)
+        return d_loss, {"d_loss": d_loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
 
 
 # ----------------------------------------------------------------------------------------------- LPIPS
@@ -396,15 +455,6 @@ def latent_statistics(vae: AutoencoderKL, batches: Iterable[torch.Tensor], sampl
     return {"mean": mean, "std": math.sqrt(variance), "num_elements": count}
 
 
-def compute_scaling_factor(vae: AutoencoderKL, batches: Iterable[torch.Tensor], sample: bool = True,
-                           generator: torch.Generator | None = None) -> float:
-    """scaling_factor = 1 / std(z) over all latent elements of the training set (see ``latent_statistics``).
-
-    ``batches`` yields pixel tensors in [-1, 1] (e.g. ``batch["pixel_values"] for batch in loader``).
-    """
-    return 1.0 / latent_statistics(vae, batches, sample=sample, generator=generator)["std"]
-
-
 # ----------------------------------------------------------------------------------------------- training helpers
 
 
@@ -422,6 +472,16 @@ class AutoencoderWithPosterior(nn.Module):
     def forward(self, pixel_values: torch.Tensor):
         posterior = self.vae.encode(pixel_values).latent_dist
         return self.vae.decode(posterior.sample()).sample, posterior
+
+
+def pixel_batches(dataset, batch_size: int, max_samples: int | None = None) -> Iterable[torch.Tensor]:
+    """The dataset's ``pixel_values`` in item order, in batches (for latent statistics and metrics)."""
+    from ldm_pipeline.data import collate_examples
+
+    if max_samples is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(max_samples, len(dataset))))
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_examples):
+        yield batch["pixel_values"]
 
 
 def image_grid(rows: list[torch.Tensor]):

@@ -12,6 +12,8 @@ noise schedule with ``clip_sample=False``. All weights are random but seeded: th
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -162,3 +164,10 @@ def tiny_t5_pipeline_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_t5_pipeline")
     make_tiny_pipeline("t5").save_pretrained(directory)
     return directory
+
+
+def run_stage(stage: str, argv: list[str]) -> dict:
+    """``training/train_<stage>.py`` run in this process with ``argv`` (``ldm_pipeline.trainer.run_in_process``)."""
+    from ldm_pipeline.trainer import run_in_process
+
+    return run_in_process(importlib.import_module(f"training.train_{stage}").main, argv)

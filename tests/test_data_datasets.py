@@ -1,6 +1,5 @@
 """Training data: shapes items, preprocessing, user folders (corrupt files, columns), export round trip, fingerprints."""
 
-import argparse
 import json
 import os
 import warnings
@@ -12,17 +11,17 @@ from PIL import Image
 
 from ldm_pipeline.data import (
     ShapesDataset,
-    add_data_args,
     build_dataset,
     collate_examples,
     dataset_fingerprint,
     preprocess_image,
 )
+from ldm_pipeline.config import DataConfig, data_config_from_argv
 from ldm_pipeline.data.export import main as export_main
 
 
 def data_args(*argv):
-    return add_data_args(argparse.ArgumentParser()).parse_args(list(argv))
+    return data_config_from_argv(argv)
 
 
 def shapes_args(resolution=32, num_train=12, num_validation=6, *extra):
@@ -88,7 +87,7 @@ def test_shapes_any_resolution():
 
 
 def test_no_flip_by_default_and_flip_when_asked():
-    assert data_args().random_flip is None
+    assert DataConfig(resolution=32).random_flip is False
     args = shapes_args(32, 8, 2)
     reference = ShapesDataset(8, 32, seed=0)
     for seed in range(5):

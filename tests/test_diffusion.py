@@ -1,5 +1,6 @@
-"""ldm_pipeline.diffusion against the seed notes' equations (/work/shared/seeds/001: x_t = sqrt(ᾱ_t) x_0 +
-sqrt(1 - ᾱ_t) ε with α_t = 1 - β_t, ᾱ_t = ∏ α_i; L_simple = ||ε - ε_θ||²) and against Diffusers' implementations."""
+"""ldm_pipeline.diffusion against DDPM's equations (Ho et al. 2020, arXiv:2006.11239: eq. 4, x_t = sqrt(ᾱ_t) x_0 +
+sqrt(1 - ᾱ_t) ε with α_t = 1 - β_t, ᾱ_t = ∏ α_i; eq. 14, L_simple = ||ε - ε_θ||²) and against Diffusers'
+implementations."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from ldm_pipeline.diffusion import (
     build_noise_scheduler,
     caption_dropout_mask,
     diffusion_loss,
-    drop_captions,
     min_snr_weights,
     sample_noise,
     snr,
@@ -154,11 +154,5 @@ def test_caption_dropout_rate_and_seeding():
     torch.testing.assert_close(mask, caption_dropout_mask(40_000, 0.1, torch.Generator().manual_seed(5)))
     assert not torch.equal(mask, caption_dropout_mask(40_000, 0.1, torch.Generator().manual_seed(6)))
     assert not caption_dropout_mask(100, 0.0).any() and caption_dropout_mask(100, 1.0).all()
-
-    captions = [f"caption {i}" for i in range(1000)]
-    dropped = drop_captions(captions, 0.3, torch.Generator().manual_seed(7))
-    expected_mask = caption_dropout_mask(1000, 0.3, torch.Generator().manual_seed(7)).tolist()
-    assert dropped == ["" if drop else c for c, drop in zip(captions, expected_mask)]
-    assert 200 < dropped.count("") < 400
     with pytest.raises(ValueError, match="caption_dropout_prob"):
         caption_dropout_mask(4, 1.5)

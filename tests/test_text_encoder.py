@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel, CLIPTextModel, T5EncoderModel
 
+from conftest import run_stage
 from ldm_pipeline.text_encoder import (
     ImageTower,
     build_contrastive_model,
@@ -234,29 +234,14 @@ def test_retrieval_accuracy_on_hand_made_similarity_matrix():
 # ------------------------------------------------------------------------------------- training script
 
 
-def import_script():
-    sys.path.insert(0, str(REPO / "training"))
-    try:
-        import train_text_encoder
-    finally:
-        sys.path.pop(0)
-    return train_text_encoder
 
 
-def run_script(argv: list[str]) -> dict:
-    """``training/train_text_encoder.py`` in this process, with a fresh Accelerate state."""
-    train_text_encoder = import_script()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        return train_text_encoder.main(argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("clip_run")
-    metrics = run_script(["--config", str(TINY["clip"]), "--output_dir", str(out)])
+    metrics = run_stage("text_encoder", ["--config", str(TINY["clip"]), "--output_dir", str(out)])
     return out, metrics
 
 
@@ -278,13 +263,13 @@ def test_train_script_clip_end_to_end(clip_run, capsys):
     saved = json.loads((out / "text_encoder_metrics.json").read_text())
     assert saved["architecture"] == "clip" and saved["train_steps"] == 8 and saved["num_pairs"] == 32
     assert 0.0 <= saved["top1"] <= saved["top5"] <= 1.0 and saved == metrics
-    history = [json.loads(line) for line in (out / "logs" / "text_encoder_train.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in history if "loss" in record] == list(range(1, 9))
     assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard logs missing"
 
 
 def test_train_script_t5_end_to_end(tmp_path, capsys):
-    metrics = run_script(["--config", str(TINY["t5"]), "--output_dir", str(tmp_path), "--max_train_steps", "4",
+    metrics = run_stage("text_encoder", ["--config", str(TINY["t5"]), "--output_dir", str(tmp_path), "--max_train_steps", "4",
                           "--gradient_accumulation_steps", "2"])
     assert f"retrieval top1={metrics['top1']:.3f} top5={metrics['top5']:.3f} (32 held-out pairs" in capsys.readouterr().out
     check_saved_stage(tmp_path, T5EncoderModel)
@@ -293,9 +278,9 @@ def test_train_script_t5_end_to_end(tmp_path, capsys):
 
 def test_resume_from_checkpoint_continues_exactly(clip_run, tmp_path):
     full_run, _ = clip_run
-    run_script(["--config", str(TINY["clip"]), "--output_dir", str(tmp_path), "--max_train_steps", "4"])
+    run_stage("text_encoder", ["--config", str(TINY["clip"]), "--output_dir", str(tmp_path), "--max_train_steps", "4"])
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-4"]
-    run_script(["--config", str(TINY["clip"]), "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    run_stage("text_encoder", ["--config", str(TINY["clip"]), "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
     uninterrupted = load_file(full_run / "text_encoder" / "model.safetensors")
     resumed = load_file(tmp_path / "text_encoder" / "model.safetensors")
     assert uninterrupted.keys() == resumed.keys()
@@ -309,7 +294,7 @@ def test_pretrained_text_encoder_is_copied_without_training(tokenizer, tmp_path)
     source.save_pretrained(hub_like)
     tokenizer.save_pretrained(hub_like)
     out = tmp_path / "out"
-    run_script(["--config", str(TINY["clip"]), "--output_dir", str(out), "--pretrained_text_encoder", str(hub_like)])
+    run_stage("text_encoder", ["--config", str(TINY["clip"]), "--output_dir", str(out), "--pretrained_text_encoder", str(hub_like)])
     copied = load_file(out / "text_encoder" / "model.safetensors")
     for name, weight in source.state_dict().items():
         assert torch.equal(copied[name], weight), name
@@ -342,23 +327,21 @@ def make_imagefolder(root: Path, num_images: int) -> None:
 
 
 def test_dataset_captions_are_those_of_the_split_items(tmp_path):
-    from argparse import Namespace
+    from ldm_pipeline.config import DataConfig
+    from ldm_pipeline.data import build_dataset, dataset_captions
 
-    from ldm_pipeline.data import build_dataset
-
-    train_text_encoder = import_script()
     make_imagefolder(tmp_path / "folder", 12)
     for data in ({"num_train_samples": 10, "num_validation_samples": 5},
                  {"train_data_dir": str(tmp_path / "folder"), "num_validation_samples": 4}):
         for split in ("train", "validation"):
-            dataset = build_dataset(Namespace(resolution=32, **data), split=split)
-            assert train_text_encoder.dataset_captions(dataset) == [dataset[i]["caption"] for i in range(len(dataset))]
+            dataset = build_dataset(DataConfig(resolution=32, **data), split=split)
+            assert dataset_captions(dataset) == [dataset[i]["caption"] for i in range(len(dataset))]
     assert len(dataset) == 4
 
 
 def test_train_script_on_an_imagefolder(tmp_path):
     make_imagefolder(tmp_path / "folder", 24)
-    metrics = run_script(["--config", str(TINY["clip"]), "--output_dir", str(tmp_path / "out"), "--train_data_dir",
+    metrics = run_stage("text_encoder", ["--config", str(TINY["clip"]), "--output_dir", str(tmp_path / "out"), "--train_data_dir",
                           str(tmp_path / "folder"), "--num_validation_samples", "8", "--max_train_steps", "1",
                           "--checkpointing_steps", "1"])
     assert metrics["num_pairs"] == 8 and metrics["train_steps"] == 1

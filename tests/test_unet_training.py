@@ -4,44 +4,27 @@ loadable pipeline, exact resume, cache reuse and invalidation, cache == referenc
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL
 from transformers import T5EncoderModel
 from safetensors.torch import load_file
 
-from conftest import make_tiny_clip, make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
+from conftest import make_tiny_clip, make_tiny_t5, make_tiny_tokenizer, make_tiny_vae, run_stage
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.caching import LatentCache, cache_path
-from ldm_pipeline.training_utils import NonFiniteLossError
+from ldm_pipeline.trainer import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny" / "unet.json"
 RESOLUTION = 16  # tiny VAE factor 2 -> 8x8x4 latents
 
 
-def load_script():
-    sys.path.insert(0, str(REPO / "training"))
-    try:
-        import train_unet
-    finally:
-        sys.path.pop(0)
-    return train_unet
 
 
-def run_script(argv: list[str]) -> dict:
-    """``training/train_unet.py`` in this process, with a fresh Accelerate state."""
-    train_unet = load_script()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        return train_unet.main(argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +41,7 @@ def stages(tmp_path_factory):
 def base_args(stages: Path, out: Path, *extra: str, cache_dir: Path | None = None) -> list[str]:
     return ["--config", str(TINY_CONFIG), "--text_encoder", str(stages / "text"), "--vae", str(stages / "vae_stage"),
             "--output_dir", str(out), "--resolution", str(RESOLUTION), "--num_train_samples", "16",
-            "--train_batch_size", "4", "--report_to", "none", "--validation_steps", "0",
+            "--train_batch_size", "4", "--report_to", "none",
             "--cache_dir", str(cache_dir or out.parent / "cache"), *extra]
 
 
@@ -69,7 +52,7 @@ def losses(out: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def trained(stages, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "pipeline"
-    metrics = run_script(base_args(stages, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+    metrics = run_stage("unet", base_args(stages, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
                                    "--validation_steps", "4", "--report_to", "tensorboard"))
     return out, metrics
 
@@ -104,9 +87,9 @@ def test_end_to_end_saves_a_loadable_pipeline(trained):
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(trained, stages, tmp_path):
     uninterrupted, _ = trained
     out = tmp_path / "resumed"
-    run_script(base_args(stages, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    run_stage("unet", base_args(stages, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
     assert len(losses(out)) == 2
-    run_script(base_args(stages, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+    run_stage("unet", base_args(stages, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
                          "--resume_from_checkpoint", "latest"))
     assert losses(out) == losses(uninterrupted)
 
@@ -121,14 +104,14 @@ def test_cache_is_reused_and_invalidated(stages, tmp_path, monkeypatch):
 
     monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
     cache_dir = tmp_path / "cache"
-    run_script(base_args(stages, tmp_path / "a", "--max_train_steps", "1", cache_dir=cache_dir))
+    run_stage("unet", base_args(stages, tmp_path / "a", "--max_train_steps", "1", cache_dir=cache_dir))
     assert calls["vae"] > 0
     first_files = sorted(cache_dir.glob("*.safetensors"))
     assert len(first_files) == 1
     mtime = first_files[0].stat().st_mtime_ns
 
     calls["vae"] = 0
-    run_script(base_args(stages, tmp_path / "b", "--max_train_steps", "2", cache_dir=cache_dir))
+    run_stage("unet", base_args(stages, tmp_path / "b", "--max_train_steps", "2", cache_dir=cache_dir))
     assert calls["vae"] == 0, "a second run with the same VAE, text encoder and data must not run the VAE"
     assert first_files[0].stat().st_mtime_ns == mtime
     assert losses(tmp_path / "b")[0] == losses(tmp_path / "a")[0]
@@ -139,12 +122,12 @@ def test_cache_is_reused_and_invalidated(stages, tmp_path, monkeypatch):
     changed_vae.save_pretrained(tmp_path / "vae2" / "vae")
     argv = base_args(stages, tmp_path / "c", "--max_train_steps", "1", cache_dir=cache_dir)
     argv[argv.index("--vae") + 1] = str(tmp_path / "vae2")
-    run_script(argv)
+    run_stage("unet", argv)
     assert calls["vae"] > 0, "changed VAE weights must recompute the cache"
     assert len(list(cache_dir.glob("*.safetensors"))) == 2
 
     calls["vae"] = 0
-    run_script(base_args(stages, tmp_path / "d", "--max_train_steps", "1", "--num_train_samples", "12",
+    run_stage("unet", base_args(stages, tmp_path / "d", "--max_train_steps", "1", "--num_train_samples", "12",
                          cache_dir=cache_dir))
     assert calls["vae"] > 0, "changed data must recompute the cache"
 
@@ -167,24 +150,25 @@ def test_cached_training_equals_the_reference_loop(trained, stages, tmp_path):
     """--no_cache runs VAE + text encoder every step (Diffusers' example); same draws -> same losses."""
     cached, _ = trained
     out = tmp_path / "reference"
-    metrics = run_script(base_args(stages, out, "--max_train_steps", "4", "--no_cache"))
+    metrics = run_stage("unet", base_args(stages, out, "--max_train_steps", "4", "--no_cache"))
     assert metrics["cached"] is False
     np.testing.assert_allclose(losses(out), losses(cached), rtol=1e-4)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(stages, tmp_path, monkeypatch):
-    train_unet = load_script()
-    real_loss, calls = train_unet.diffusion_loss, {"n": 0}
+    import ldm_pipeline.unet as unet_module
+
+    real_loss, calls = unet_module.diffusion_loss, {"n": 0}
 
     def loss_that_breaks_at_step_3(*args, **kwargs):
         calls["n"] += 1
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train_unet, "diffusion_loss", loss_that_breaks_at_step_3)
+    monkeypatch.setattr(unet_module, "diffusion_loss", loss_that_breaks_at_step_3)
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match="step 2"):
-        run_script(base_args(stages, out, "--max_train_steps", "4", "--checkpointing_steps", "2"))
+        run_stage("unet", base_args(stages, out, "--max_train_steps", "4", "--checkpointing_steps", "2"))
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
     assert load_file(str(out / "checkpoints" / "checkpoint-2" / "model.safetensors"))
     assert not (out / "model_index.json").exists()
@@ -192,7 +176,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(stages, tmp_
 
 def test_options_v_prediction_ema_accumulation_offset_xformers_fallback(stages, tmp_path, capsys):
     out = tmp_path / "options"
-    run_script(base_args(stages, out, "--max_train_steps", "2", "--prediction_type", "v_prediction", "--use_ema",
+    run_stage("unet", base_args(stages, out, "--max_train_steps", "2", "--prediction_type", "v_prediction", "--use_ema",
                          "--ema_decay", "0.5", "--gradient_accumulation_steps", "2", "--noise_offset", "0.1",
                          "--snr_gamma", "5", "--gradient_checkpointing", "--checkpointing_steps", "2",
                          "--enable_xformers_memory_efficient_attention"))
@@ -213,11 +197,11 @@ def test_bad_stage_paths_are_clear_errors(stages, tmp_path):
     argv = base_args(stages, tmp_path / "x", "--max_train_steps", "1")
     argv[argv.index("--vae") + 1] = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="--vae"):
-        run_script(argv)
+        run_stage("unet", argv)
     argv = base_args(stages, tmp_path / "x", "--max_train_steps", "1")
     argv[argv.index("--text_encoder") + 1] = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="--text_encoder"):
-        run_script(argv)
+        run_stage("unet", argv)
 
 
 def test_t5_text_encoder_stage(stages, tmp_path):
@@ -227,7 +211,7 @@ def test_t5_text_encoder_stage(stages, tmp_path):
     tokenizer.save_pretrained(tmp_path / "t5" / "tokenizer")
     argv = base_args(stages, tmp_path / "out", "--max_train_steps", "1")
     argv[argv.index("--text_encoder") + 1] = str(tmp_path / "t5")
-    run_script(argv)
+    run_stage("unet", argv)
     pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "out")
     assert isinstance(pipe.text_encoder, T5EncoderModel)
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.d_model

@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import run_stage
+from ldm_pipeline.config import DataConfig
 from ldm_pipeline.data import build_dataset
 from ldm_pipeline.vae import (
     LPIPS,
     PatchDiscriminator,
     adaptive_weight,
     build_vae,
-    compute_scaling_factor,
     discriminator_factor,
     gaussian_window,
     generator_adversarial_loss,
@@ -32,7 +30,7 @@ from ldm_pipeline.vae import (
     psnr,
     reconstruction_metrics,
     ssim,
-    vae_downsampling_factor,
+    vae_scale_factor,
     validate_vae_config,
 )
 
@@ -54,7 +52,7 @@ def test_every_vae_config_builds_with_the_stated_downsampling_factor():
         config = json.loads((REPO / "configs" / name).read_text())
         resolution = config["data"]["resolution"]
         validate_vae_config(config["model"], resolution)
-        assert vae_downsampling_factor(config["model"]) == factor, name
+        assert vae_scale_factor(config["model"]) == factor, name
     vae = build_vae(tiny_model_config(TINY_F8), 32).eval()
     latents = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mode()
     assert latents.shape == (1, vae.config.latent_channels, 4, 4)
@@ -189,7 +187,7 @@ def test_scaling_factor_is_one_over_the_std_of_sampled_latents():
     torch.manual_seed(0)
     vae = build_vae(tiny_model_config(), 32).eval()
     batches = [torch.rand(4, 3, 32, 32) * 2 - 1 for _ in range(3)]
-    factor = compute_scaling_factor(vae, batches, generator=torch.Generator().manual_seed(7))
+    factor = 1.0 / latent_statistics(vae, batches, generator=torch.Generator().manual_seed(7))["std"]
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         latents = torch.cat([vae.encode(x).latent_dist.sample(generator=generator) for x in batches])
@@ -223,29 +221,17 @@ def test_save_and_load_round_trip_bit_for_bit(tmp_path):
 # ----------------------------------------------------------------------------------------------- training script
 
 
-def run_script(argv: list[str]) -> dict:
-    """``training/train_vae.py`` in this process, with a fresh Accelerate state."""
-    sys.path.insert(0, str(REPO / "training"))
-    try:
-        import train_vae
-    finally:
-        sys.path.pop(0)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        return train_vae.main(argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def read_history(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "logs" / "vae_train.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """6 steps of the tiny config (PatchGAN on from step 3) with EMA; checkpoints at steps 3 and 6."""
     out = tmp_path_factory.mktemp("vae_run")
-    metrics = run_script(["--config", str(TINY), "--output_dir", str(out), "--use_ema", "--ema_decay", "0.5"])
+    metrics = run_stage("vae", ["--config", str(TINY), "--output_dir", str(out), "--use_ema", "--ema_decay", "0.5"])
     return out, metrics
 
 
@@ -268,10 +254,10 @@ def test_saved_vae_holds_the_scaling_factor_and_reproduces_the_reported_metrics(
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
     assert vae.config.scaling_factor == pytest.approx(1 / metrics["latent_std"], rel=1e-12)
     config = json.loads(TINY.read_text())
-    args = SimpleNamespace(**config["data"], data_seed=0)
+    args = DataConfig(**config["data"])
     batches = [torch.stack([build_dataset(args, "train")[i]["pixel_values"] for i in range(start, start + 16)])
                for start in (0, 16)]
-    expected = compute_scaling_factor(vae, batches, generator=torch.Generator("cpu").manual_seed(0))
+    expected = 1.0 / latent_statistics(vae, batches, generator=torch.Generator("cpu").manual_seed(0))["std"]
     assert vae.config.scaling_factor == pytest.approx(expected, rel=1e-9)
     validation = build_dataset(args, "validation")
     held_out = reconstruction_metrics(vae, [torch.stack([validation[i]["pixel_values"] for i in range(16)])])
@@ -282,13 +268,13 @@ def test_saved_vae_holds_the_scaling_factor_and_reproduces_the_reported_metrics(
 def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tiny_run, tmp_path):
     full_run, _ = tiny_run
     common = ["--config", str(TINY), "--output_dir", str(tmp_path), "--use_ema", "--ema_decay", "0.5"]
-    run_script(common + ["--max_train_steps", "4", "--checkpointing_steps", "2"])
-    run_script(common + ["--resume_from_checkpoint", str(tmp_path / "checkpoints" / "checkpoint-2")])
+    run_stage("vae", common + ["--max_train_steps", "4", "--checkpointing_steps", "2"])
+    run_stage("vae", common + ["--resume_from_checkpoint", str(tmp_path / "checkpoints" / "checkpoint-2")])
     uninterrupted = [r for r in read_history(full_run) if "rec_loss" in r]
     resumed = [r for r in read_history(tmp_path) if "rec_loss" in r]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(uninterrupted, resumed):
-        assert a == b
+        assert {k: v for k, v in a.items() if k != "elapsed_s"} == {k: v for k, v in b.items() if k != "elapsed_s"}
     full_weights = load_file(full_run / "vae" / "diffusion_pytorch_model.safetensors")
     resumed_weights = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
     for name in full_weights:
@@ -298,5 +284,5 @@ def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tiny_r
 def test_script_rejects_a_resolution_the_vae_cannot_downsample(tmp_path):
     out = tmp_path / "never_created"
     with pytest.raises(ValueError, match="--resolution 30 is not divisible"):
-        run_script(["--config", str(TINY), "--output_dir", str(out), "--resolution", "30"])
+        run_stage("vae", ["--config", str(TINY), "--output_dir", str(out), "--resolution", "30"])
     assert not out.exists()

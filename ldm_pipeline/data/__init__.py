@@ -4,6 +4,7 @@ from .datasets import (
     add_data_args,
     build_dataset,
     collate_examples,
+    dataset_captions,
     dataset_fingerprint,
     image_to_tensor,
     preprocess_image,

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm_pipeline.config import DataConfig, add_dataclass_arguments, config_hash
+
 from . import shapes
 
 logger = logging.getLogger(__name__)
@@ -43,36 +45,9 @@ VALIDATION_SPLITS = ("validation", "test")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the data flags. Defaults are None where a config's ``data`` section may fill them."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset_name", type=str, default=None,
-                       help="A Hugging Face dataset (name or path) for datasets.load_dataset. Default: built-in shapes.")
-    group.add_argument("--dataset_config_name", type=str, default=None)
-    group.add_argument("--train_data_dir", type=str, default=None,
-                       help="A local folder: imagefolder with metadata.jsonl/metadata.csv, save_to_disk, or Parquet/Arrow.")
-    group.add_argument("--image_column", type=str, default=None, help="Column of the images (default 'image').")
-    group.add_argument("--caption_column", type=str, default=None, help="Column of the captions (default 'text').")
-    group.add_argument("--resolution", type=int, default=None, help="Side of the square training images.")
-    crop = group.add_mutually_exclusive_group()
-    crop.add_argument("--center_crop", action="store_const", const=True, default=None,
-                      help="Centre-crop after resizing (the default).")
-    crop.add_argument("--random_crop", action="store_const", const=True, default=None,
-                      help="Random crop after resizing instead of a centre crop.")
-    group.add_argument("--random_flip", action="store_const", const=True, default=None,
-                       help="Flip images horizontally at random. Off by default: it contradicts 'left of'/'right of' captions.")
-    group.add_argument("--skip_bad_images", action="store_const", const=True, default=None,
-                       help="Skip (and count) unreadable images instead of stopping with an error naming the file.")
-    group.add_argument("--num_train_samples", type=int, default=None, help="Size of the built-in shapes training set.")
-    group.add_argument("--num_validation_samples", type=int, default=None,
-                       help="Size of the shapes validation set, or of the held-out slice of user data.")
-    group.add_argument("--data_seed", type=int, default=None, help="Seed of the shapes data and of held-out slices (default 0).")
-    group.add_argument("--max_train_samples", type=int, default=None, help="Keep only this many training items.")
+    """Add one flag per ``DataConfig`` field (unset flags stay absent, so a config file can fill them)."""
+    add_dataclass_arguments(parser, DataConfig, "data")
     return parser
-
-
-def _arg(args, name: str, default=None):
-    value = getattr(args, name, None)
-    return default if value is None else value
 
 
 def _check_split(split: str) -> None:
@@ -303,14 +278,14 @@ def _is_saved_dataset(root: Path) -> bool:
     return (root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
 
 
-def _load_hf_dataset(args):
+def _load_hf_dataset(data: DataConfig):
     """The user's data as a ``datasets.DatasetDict`` (hub name, save_to_disk folder, Parquet or Arrow files)."""
     import datasets
 
-    if _arg(args, "dataset_name") is not None:
-        loaded = datasets.load_dataset(_arg(args, "dataset_name"), _arg(args, "dataset_config_name"))
+    if data.dataset_name is not None:
+        loaded = datasets.load_dataset(data.dataset_name, data.dataset_config_name)
     else:
-        root = Path(_arg(args, "train_data_dir"))
+        root = Path(data.train_data_dir)
         if _is_saved_dataset(root):
             loaded = datasets.load_from_disk(str(root))
         else:
@@ -336,11 +311,11 @@ def _is_imagefolder(root: Path) -> bool:
         (root / sub / name).is_file() for sub in ("train",) + VALIDATION_SPLITS for name in METADATA_FILES)
 
 
-def _user_records(args, split: str):
+def _user_records(data: DataConfig, split: str):
     """(images, captions, held_out) of ``split``; held_out is True when the data has no validation split
     of its own, so that ``split`` is to be cut from the single split by `_held_out`."""
-    image_column, caption_column = _arg(args, "image_column", "image"), _arg(args, "caption_column", "text")
-    root = Path(_arg(args, "train_data_dir")) if _arg(args, "dataset_name") is None else None
+    image_column, caption_column = data.image_column, data.caption_column
+    root = Path(data.train_data_dir) if data.dataset_name is None else None
     if root is not None and not root.is_dir():
         raise FileNotFoundError(f"--train_data_dir {root} is not a directory.")
     if root is not None and _is_imagefolder(root):
@@ -349,11 +324,11 @@ def _user_records(args, split: str):
         folder = folders["train" if held_out else split]
         paths, captions = _imagefolder_records(folder, image_column, caption_column)
         return _FolderImages(paths), captions, held_out
-    loaded = _load_hf_dataset(args)
+    loaded = _load_hf_dataset(data)
     own_validation = next((name for name in VALIDATION_SPLITS if name in loaded), None)
     train_name = "train" if "train" in loaded else next(name for name in loaded if name not in VALIDATION_SPLITS)
     name = own_validation if split == "validation" and own_validation else train_name
-    where = f"dataset {_arg(args, 'dataset_name') or root} split {name!r}"
+    where = f"dataset {data.dataset_name or root} split {name!r}"
     images, captions = _column_records(loaded[name], image_column, caption_column, where, root)
     return images, captions, own_validation is None
 
@@ -371,49 +346,38 @@ def _held_out(num_items: int, num_validation: int, seed: int) -> np.ndarray:
     return np.sort(order[:num_validation])
 
 
-def build_dataset(args, split: str = "train") -> torch.utils.data.Dataset:
-    """The ``split`` ("train" or "validation") of the data selected by ``args`` (see the module docstring)."""
+def build_dataset(data: DataConfig, split: str = "train") -> torch.utils.data.Dataset:
+    """The ``split`` ("train" or "validation") of the data ``data`` selects (see the module docstring)."""
     _check_split(split)
-    resolution = _arg(args, "resolution")
-    if resolution is None:
-        raise ValueError("args.resolution is not set: pass --resolution or set 'resolution' in the config's data section.")
-    if _arg(args, "random_crop") and _arg(args, "center_crop"):
-        raise ValueError("--center_crop and --random_crop are exclusive; pass one of them.")
-    random_crop, random_flip = bool(_arg(args, "random_crop", False)), bool(_arg(args, "random_flip", False))
-    seed = int(_arg(args, "data_seed", 0))
-    max_train = _arg(args, "max_train_samples")
-
-    if _arg(args, "dataset_name") is None and _arg(args, "train_data_dir") is None:
-        count = _arg(args, "num_train_samples" if split == "train" else "num_validation_samples")
+    if data.resolution is None:
+        raise ValueError("resolution is not set: pass --resolution or set 'resolution' in the config's data section.")
+    max_train = data.max_train_samples
+    if data.dataset_name is None and data.train_data_dir is None:
+        count = data.num_train_samples if split == "train" else data.num_validation_samples
         if count is None:
-            raise ValueError(f"args.{'num_train_samples' if split == 'train' else 'num_validation_samples'} is not "
-                             "set: pass it or set it in the config's data section.")
+            raise ValueError("num_train_samples is not set: pass --num_train_samples (the size of the built-in "
+                             "shapes data) or --train_data_dir / --dataset_name for your own data.")
         if split == "train" and max_train is not None:
             count = min(count, max_train)
-        return ShapesTrainingDataset(int(count), int(resolution), seed, split, random_flip)
+        return ShapesTrainingDataset(count, data.resolution, data.data_seed, split, data.random_flip)
 
-    images, captions, held_out = _user_records(args, split)
+    images, captions, held_out = _user_records(data, split)
     rows = list(range(len(images)))
     if held_out:
-        validation = set(_held_out(len(rows), int(_arg(args, "num_validation_samples", 200)), seed).tolist())
+        validation = set(_held_out(len(rows), data.num_validation_samples, data.data_seed).tolist())
         rows = [i for i in rows if (i in validation) == (split == "validation")]
     if split == "train" and max_train is not None:
         rows = rows[:max_train]
-    rows = _verify_images(images, rows, bool(_arg(args, "skip_bad_images", False)))
+    rows = _verify_images(images, rows, data.skip_bad_images)
     if not rows:
-        raise ValueError(f"The {split} split of {_arg(args, 'dataset_name') or _arg(args, 'train_data_dir')} has no "
-                         "readable images.")
-    return ImageCaptionDataset(images, captions, rows, int(resolution), random_crop, random_flip)
+        raise ValueError(f"The {split} split of {data.source} has no readable images.")
+    return ImageCaptionDataset(images, captions, rows, data.resolution, data.random_crop, data.random_flip)
 
 
 # --------------------------------------------------------------------------------------------- fingerprint
 
-def _hash(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def dataset_fingerprint(args, split: str = "train") -> str:
-    """A stable hash of what defines ``build_dataset(args, split)``: change any of it and the hash changes.
+def dataset_fingerprint(data: DataConfig, split: str = "train") -> str:
+    """A stable hash of what defines ``build_dataset(data, split)``: change any of it and the hash changes.
 
     Shapes: generator version and source, seed, split, size, resolution. User data: the files' names, sizes and
     modification times (local folders) or the Hugging Face dataset fingerprint (hub). Both include the
@@ -422,33 +386,39 @@ def dataset_fingerprint(args, split: str = "train") -> str:
     _check_split(split)
     payload = {
         "split": split,
-        "resolution": _arg(args, "resolution"),
-        "random_crop": bool(_arg(args, "random_crop", False)),
-        "random_flip": bool(_arg(args, "random_flip", False)),
-        "data_seed": int(_arg(args, "data_seed", 0)),
-        "max_train_samples": _arg(args, "max_train_samples") if split == "train" else None,
+        "resolution": data.resolution,
+        "random_crop": data.random_crop,
+        "random_flip": data.random_flip,
+        "data_seed": data.data_seed,
+        "max_train_samples": data.max_train_samples if split == "train" else None,
     }
-    dataset_name, train_data_dir = _arg(args, "dataset_name"), _arg(args, "train_data_dir")
-    if dataset_name is None and train_data_dir is None:
+    if data.dataset_name is None and data.train_data_dir is None:
         payload.update(source="shapes", version=shapes.GENERATOR_VERSION, code=_file_digest(shapes.__file__),
-                       num_samples=_arg(args, "num_train_samples" if split == "train" else "num_validation_samples"))
-        return _hash(payload)
-    payload.update(image_column=_arg(args, "image_column", "image"), caption_column=_arg(args, "caption_column", "text"),
-                   num_validation_samples=_arg(args, "num_validation_samples"),
-                   skip_bad_images=bool(_arg(args, "skip_bad_images", False)))
-    if train_data_dir is not None and dataset_name is None:
-        root = Path(train_data_dir)
+                       num_samples=data.num_train_samples if split == "train" else data.num_validation_samples)
+        return config_hash(payload)
+    payload.update(image_column=data.image_column, caption_column=data.caption_column,
+                   num_validation_samples=data.num_validation_samples, skip_bad_images=data.skip_bad_images)
+    if data.dataset_name is None:
+        root = Path(data.train_data_dir)
         files = sorted(p for p in root.rglob("*") if p.is_file())
         payload.update(source=str(root.resolve()), files=[
             (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
     else:
-        loaded = _load_hf_dataset(argparse.Namespace(dataset_name=dataset_name, train_data_dir=None,
-                                                     dataset_config_name=_arg(args, "dataset_config_name")))
-        payload.update(source=dataset_name, config=_arg(args, "dataset_config_name"),
+        loaded = _load_hf_dataset(data)
+        payload.update(source=data.dataset_name, config=data.dataset_config_name,
                        fingerprints={name: ds._fingerprint for name, ds in loaded.items()})
-    return _hash(payload)
+    return config_hash(payload)
 
 
 def _file_digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def dataset_captions(dataset) -> list[str]:
+    """The captions of a dataset's items, in item order, read without decoding any image when possible."""
+    if isinstance(dataset, ShapesTrainingDataset):
+        return [dataset.shapes.scene(index).caption for index in range(len(dataset))]
+    if isinstance(dataset, ImageCaptionDataset):
+        return [dataset.captions[row] for row in dataset.rows]
+    return [dataset[index]["caption"] for index in range(len(dataset))]

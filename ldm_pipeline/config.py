@@ -1,0 +1,459 @@
+"""Typed configuration of the three training stages: one schema, merged in one place, validated.
+
+A stage config file (``configs/<size>/<stage>.json``) has three sections:
+
+    {"model": {...},     the stage's model sizes, passed to the Diffusers / Transformers constructors
+     "training": {...},  fields of the stage's ``*TrainingConfig`` dataclass below
+     "data": {...}}      fields of ``DataConfig``
+
+Precedence, applied by :func:`load_stage_config` and nowhere else: dataclass defaults < JSON file < command line.
+Every command-line flag is generated from the same dataclasses, so a field has one name, one type, one default and
+one help text. Unknown keys are an error that names the closest valid key; values are checked for type
+(``"use_ema": "false"`` is rejected, not read as true) and range (``--max_train_steps 0`` is rejected).
+Library code receives these objects, never an ``argparse.Namespace``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ldm_pipeline.errors import ConfigError
+
+SECTIONS = ("model", "training", "data")
+
+
+def option(default: Any = None, help: str = "", *, choices: Sequence | None = None, ge: float | None = None,
+           gt: float | None = None, le: float | None = None, run_only: bool = False, required: bool = False):
+    """A config field. ``ge``/``gt``/``le`` bound numbers; ``choices`` lists the allowed values. ``run_only``
+    marks settings that say how a run is carried out (where to log, how often to save, where a frozen stage
+    lies: its weights are fingerprinted instead) rather than what is trained: they are left out of the run
+    fingerprint, so a resume may change them."""
+    metadata = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, run_only=run_only, required=required)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------------------- schema
+
+
+@dataclass
+class DataConfig:
+    """Where the images and captions come from and how they are preprocessed (``ldm_pipeline.data``)."""
+
+    dataset_name: str | None = option(None, "A Hugging Face dataset (name or path) for datasets.load_dataset. "
+                                            "Default: the built-in shapes data.")
+    dataset_config_name: str | None = option(None, "The dataset's configuration name.")
+    train_data_dir: str | None = option(None, "A local folder: imagefolder with metadata.jsonl/metadata.csv, "
+                                              "save_to_disk output, or Parquet/Arrow files.")
+    image_column: str = option("image", "Column of the images.")
+    caption_column: str = option("text", "Column of the captions.")
+    resolution: int | None = option(None, "Side of the square training images.", gt=0, required=True)
+    center_crop: bool = option(False, "Centre-crop after resizing (the default crop).")
+    random_crop: bool = option(False, "Random crop after resizing instead of a centre crop.")
+    random_flip: bool = option(False, "Flip images horizontally at random. Off by default: it contradicts "
+                                      "'left of' / 'right of' captions.")
+    skip_bad_images: bool = option(False, "Skip (and count) unreadable images instead of stopping with an error "
+                                          "that names the file.")
+    num_train_samples: int | None = option(None, "Size of the built-in shapes training set.", gt=0)
+    num_validation_samples: int = option(200, "Size of the shapes validation set, or of the held-out slice of "
+                                              "user data.", gt=0)
+    data_seed: int = option(0, "Seed of the shapes data and of held-out slices.", ge=0)
+    max_train_samples: int | None = option(None, "Keep only this many training items.", gt=0)
+
+    def __post_init__(self):
+        if self.center_crop and self.random_crop:
+            raise ConfigError("--center_crop and --random_crop are exclusive; pass one of them.")
+
+    @property
+    def source(self) -> str:
+        """A short name of the data for messages: the dataset name, the folder, or ``shapes``."""
+        return self.dataset_name or self.train_data_dir or "shapes"
+
+
+@dataclass
+class TrainingConfig:
+    """Settings every stage shares: optimisation, checkpoints, logging (Diffusers' training-script flags)."""
+
+    output_dir: str = option("outputs/run", "Where weights, logs and checkpoints go.", run_only=True)
+    overwrite_output_dir: bool = option(False, "Start a new run in an OUTPUT_DIR that holds another run's "
+                                               "checkpoints, deleting them.", run_only=True)
+    seed: int = option(0, "Seed of the weights' initialisation and of every random draw.", ge=0)
+    train_batch_size: int = option(16, "Batch size per process.", gt=0)
+    max_train_steps: int = option(1000, "Number of optimizer updates.", gt=0, run_only=True)
+    learning_rate: float = option(1e-4, "Peak learning rate.", gt=0)
+    lr_scheduler: str = option("constant_with_warmup", "diffusers.optimization schedule.",
+                               choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                        "constant_with_warmup", "piecewise_constant"))
+    lr_warmup_steps: int = option(0, "Linear warm-up steps.", ge=0)
+    adam_beta1: float = option(0.9, "AdamW beta1.", ge=0, le=1)
+    adam_beta2: float = option(0.999, "AdamW beta2.", ge=0, le=1)
+    adam_weight_decay: float = option(0.0, "AdamW decoupled weight decay.", ge=0)
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer update.", gt=0)
+    mixed_precision: str = option("no", "fp16/bf16 are for GPUs; on a CPU train in fp32 ('no').",
+                                  choices=("no", "fp16", "bf16"))
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0: no clipping).", ge=0)
+    checkpointing_steps: int = option(500, "Save a resumable state every N steps.", gt=0, run_only=True)
+    checkpoints_total_limit: int | None = option(2, "Keep at most this many checkpoints.", gt=0, run_only=True)
+    resume_from_checkpoint: str | None = option(None, 'A checkpoint directory, or "latest" for the newest one in '
+                                                      "OUTPUT_DIR/checkpoints.", run_only=True)
+    dataloader_num_workers: int = option(0, "DataLoader worker processes.", ge=0, run_only=True)
+    report_to: str = option("tensorboard", "Trackers: tensorboard, all or none.",
+                            choices=("tensorboard", "all", "none"), run_only=True)
+    logging_dir: str | None = option(None, "Tensorboard directory (default OUTPUT_DIR/logs).", run_only=True)
+    use_ema: bool = option(False, "Keep an exponential moving average of the weights and save it as the model.")
+    ema_decay: float = option(0.999, "EMA decay.", ge=0, le=1)
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.",
+                                          run_only=True)
+    validation_steps: int | None = option(None, "Run validation every N steps.", gt=0, run_only=True)
+    push_to_hub: bool = option(False, "Upload the final output to the Hub (needs internet and a token).",
+                               run_only=True)
+    hub_model_id: str | None = option(None, "Hub repository for --push_to_hub (default: OUTPUT_DIR's name).",
+                                      run_only=True)
+    hub_token: str | None = option(None, "Hub token (default: the one huggingface-cli login saved).",
+                                   run_only=True)
+
+
+@dataclass
+class TextEncoderTrainingConfig(TrainingConfig):
+    pretrained_text_encoder: str | None = option(None, "Skip training: copy this CLIP/T5 text encoder and tokenizer "
+                                                       "(Hub name or directory) to OUTPUT_DIR.")
+    validation_batch_size: int | None = option(None, "Batch size for held-out retrieval (default: the training "
+                                                     "batch size).", gt=0, run_only=True)
+
+
+@dataclass
+class VAETrainingConfig(TrainingConfig):
+    kl_weight: float = option(1e-6, "Weight of the KL term (LDM: 1e-6).", ge=0)
+    disc_start: int = option(50001, "Optimizer step at which the PatchGAN loss starts.", ge=0)
+    disc_weight: float = option(0.5, "Multiplier of the adaptive GAN weight.", ge=0)
+    disc_learning_rate: float | None = option(None, "Discriminator learning rate (default: --learning_rate).", gt=0)
+    perceptual_weight: float = option(1.0, "Weight of LPIPS, when --lpips_weights is given.", ge=0)
+    lpips_weights: str | None = option(None, "Local LPIPS-VGG16 weights (.safetensors/.pth); never downloaded. "
+                                             "Without it: L1 only.")
+    validation_batch_size: int = option(64, "Batch size of held-out metrics.", gt=0, run_only=True)
+    num_reconstructions: int = option(8, "Held-out images in reconstructions.png.", gt=0, run_only=True)
+    scaling_factor_max_samples: int | None = option(None, "Encode at most this many training images for the latent "
+                                                          "std (default: all).", gt=0)
+
+
+@dataclass
+class UNetTrainingConfig(TrainingConfig):
+    text_encoder: str | None = option(None, "Text stage output (text_encoder/ and tokenizer/), a pipeline dir, or a "
+                                            "Hub name.", required=True, run_only=True)
+    vae: str | None = option(None, "VAE stage output (vae/), a vae dir, or a Hub name.", required=True,
+                             run_only=True)
+    prediction_type: str | None = option(None, "Overrides model.noise_scheduler.prediction_type.",
+                                         choices=("epsilon", "v_prediction"))
+    snr_gamma: float | None = option(None, "Min-SNR-γ loss weighting (5.0 is typical).", gt=0)
+    noise_offset: float = option(0.0, "Offset-noise scale (0 disables).", ge=0)
+    caption_dropout_prob: float = option(0.1, "Probability of training on the empty prompt (for classifier-free "
+                                              "guidance).", ge=0, le=1)
+    validation_prompts: list[str] | None = option(None, "Prompts of the validation grids.", run_only=True)
+    validation_num_inference_steps: int = option(20, "Sampling steps of the validation grids.", gt=0, run_only=True)
+    validation_guidance_scale: float = option(3.0, "Guidance scale of the validation grids.", ge=0, run_only=True)
+    validation_scheduler: str = option("ddim", "Sampler name for validation grids.", run_only=True)
+    enable_xformers_memory_efficient_attention: bool = option(False, "xFormers attention on CUDA; elsewhere "
+                                                                     "PyTorch's SDPA is kept (with a message).",
+                                                              run_only=True)
+    no_cache: bool = option(False, "Run VAE and text encoder on every step (the reference loop) instead of "
+                                   "caching.", run_only=True)
+    cache_dir: str | None = option(None, "Latent/text cache directory (default OUTPUT_DIR/../cache).", run_only=True)
+    cache_batch_size: int = option(64, "Batch size of the caching pass.", gt=0, run_only=True)
+    snapshot_steps: int | None = option(None, "Every N steps also save the (EMA) U-Net alone to "
+                                              "OUTPUT_DIR/snapshots/step-N, for benchmarks/time_to_quality.py. "
+                                              "Unlike checkpoints these are never pruned.", gt=0, run_only=True)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What distinguishes one stage's configuration: its training dataclass and its ``model`` section keys."""
+
+    name: str
+    script: str
+    training_class: type
+    model_keys: tuple[str, ...]
+    required_model_keys: tuple[str, ...]
+
+
+STAGES = {
+    "text_encoder": StageSpec("text_encoder", "train_text_encoder.py", TextEncoderTrainingConfig,
+                              ("architecture", "tokenizer", "text_encoder", "image_tower", "projection_dim"),
+                              ("architecture",)),
+    "vae": StageSpec("vae", "train_vae.py", VAETrainingConfig, ("autoencoder", "discriminator"), ("autoencoder",)),
+    "unet": StageSpec("unet", "train_unet.py", UNetTrainingConfig, ("unet", "noise_scheduler"), ()),
+}
+
+
+@dataclass
+class StageConfig:
+    """A stage's whole configuration: ``model`` (constructor arguments), ``training`` and ``data``."""
+
+    stage: str
+    model: dict
+    training: TrainingConfig
+    data: DataConfig
+    path: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "training": dataclasses.asdict(self.training),
+                "data": dataclasses.asdict(self.data)}
+
+    def fingerprint(self) -> dict:
+        """What defines the trained result: the model section and every field not marked ``run_only``."""
+        return {"stage": self.stage, "model": self.model,
+                "training": {f.name: getattr(self.training, f.name) for f in dataclasses.fields(self.training)
+                             if not f.metadata.get("run_only")},
+                "data": dataclasses.asdict(self.data)}
+
+
+# --------------------------------------------------------------------------------------------------- checking
+
+
+def closest(name: str, candidates: Sequence[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest candidate, or a list of all of them."""
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    if match:
+        return f" Did you mean {match[0]!r}?"
+    return f" Valid keys: {', '.join(sorted(candidates))}."
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(annotation) -> tuple[Any, bool]:
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return annotation, False
+
+
+def _describe(value) -> str:
+    return f"{value!r} (a {type(value).__name__})" if isinstance(value, str) else repr(value)
+
+
+def check_value(name: str, value: Any, annotation: Any, metadata: dict, where: str) -> Any:
+    """``value`` converted to the field's type, or a ``ConfigError`` naming ``where`` (file and key, or flag)."""
+    base, optional = _unwrap_optional(annotation)
+    if value is None:
+        if optional and not metadata.get("required"):
+            return None
+        if metadata.get("required"):
+            raise ConfigError(f"{where} is required: pass it on the command line or set it in the config.")
+        raise ConfigError(f"{where} must not be null.")
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {_describe(value)}.")
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{where} must be an integer, got {_describe(value)}.")
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {_describe(value)}.")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value}.")
+    elif base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {_describe(value)}.")
+    elif typing.get_origin(base) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {_describe(value)}.")
+    choices = metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where} = {value!r} is not one of {', '.join(map(str, choices))}.")
+    for bound, test, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                              ("le", lambda v, b: v <= b, "<=")):
+        limit = metadata.get(bound)
+        if limit is not None and not test(value, limit):
+            raise ConfigError(f"{where} = {value} is out of range: it must be {text} {limit:g}.")
+    return value
+
+
+def build_section(cls, values: dict, sources: dict[str, str]):
+    """An instance of dataclass ``cls`` from ``values`` (already free of unknown keys), every value checked."""
+    hints = _field_types(cls)
+    checked = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            checked[f.name] = check_value(f.name, values[f.name], hints[f.name], f.metadata, sources[f.name])
+        elif f.metadata.get("required"):
+            raise ConfigError(f"{sources.get(f.name, '--' + f.name)} is required: pass --{f.name} or set it in the "
+                              "config.")
+    return cls(**checked)
+
+
+def _section_fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_model_section(spec: StageSpec, model: Any, where: str) -> None:
+    if not isinstance(model, dict):
+        raise ConfigError(f"{where}: 'model' must be a JSON object.")
+    for other in STAGES.values():
+        if other is not spec and model and set(model) <= set(other.model_keys) and not set(model) & set(spec.model_keys):
+            raise ConfigError(f"{where} is a {other.name} config (model keys {sorted(model)}): pass it to "
+                              f"training/{other.script}, or give {spec.script} a {spec.name} config.")
+    for key in model:
+        if key not in spec.model_keys:
+            raise ConfigError(f"{where}: model.{key} is not a key of a {spec.name} config.{closest(key, spec.model_keys)}")
+    for key in spec.required_model_keys:
+        if key not in model:
+            raise ConfigError(f"{where}: the {spec.name} config needs model.{key}.")
+
+
+def stage_config_from_dict(stage: str, config: dict, overrides: dict | None = None,
+                           path: str | None = None) -> StageConfig:
+    """Merge ``config`` (a parsed JSON file) and ``overrides`` (command-line values) into a checked
+    ``StageConfig``."""
+    spec = STAGES[stage]
+    where = path or "config"
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where} must be a JSON object with 'model', 'training' and 'data' sections.")
+    for key in config:
+        if key not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section {key!r}.{closest(key, SECTIONS)}")
+    _check_model_section(spec, config.get("model", {}), where)
+    training_fields, data_fields = _section_fields(spec.training_class), _section_fields(DataConfig)
+    merged = {"training": {}, "data": {}}
+    sources = {"training": {}, "data": {}}
+    for section, known in (("training", training_fields), ("data", data_fields)):
+        values = config.get(section, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: '{section}' must be a JSON object.")
+        for key, value in values.items():
+            if key not in known:
+                other = "data" if section == "training" else "training"
+                if key in (data_fields if section == "training" else training_fields):
+                    raise ConfigError(f"{where}: {section}.{key} belongs in the '{other}' section.")
+                raise ConfigError(f"{where}: {section}.{key} is not a {spec.name} setting.{closest(key, known)}")
+            merged[section][key] = value
+            sources[section][key] = f"{where}: {section}.{key}"
+    for key, value in (overrides or {}).items():
+        section = "training" if key in training_fields else "data" if key in data_fields else None
+        if section is None:
+            raise ConfigError(f"--{key} is not a {spec.name} setting.{closest(key, training_fields + data_fields)}")
+        merged[section][key] = value
+        sources[section][key] = f"--{key}"
+    for section, cls, known in (("training", spec.training_class, training_fields), ("data", DataConfig, data_fields)):
+        for name in known:
+            sources[section].setdefault(name, f"--{name}")
+    training = build_section(spec.training_class, merged["training"], sources["training"])
+    data = build_section(DataConfig, merged["data"], sources["data"])
+    if training.logging_dir is None:
+        training.logging_dir = os.path.join(training.output_dir, "logs")
+    return StageConfig(stage=stage, model=dict(config.get("model", {})), training=training, data=data, path=path)
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The JSON object of a config file, or a ``ConfigError`` naming the file and the position of a syntax error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}. Pass --config configs/<size>/<stage>.json.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}.") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
+
+
+# --------------------------------------------------------------------------------------------------- command line
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str) -> None:
+    """One flag per field of ``cls``, defaulting to "not given" (``argparse.SUPPRESS``) so that the config file
+    fills what the command line leaves out. Booleans work as switches (``--use_ema``) or with a value
+    (``--use_ema false``)."""
+    group = parser.add_argument_group(title)
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        base, _ = _unwrap_optional(hints[f.name])
+        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+        if base is bool:
+            kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
+        elif typing.get_origin(base) is list:
+            kwargs.update(nargs="+", type=str)
+        else:
+            kwargs.update(type=base)
+        if f.metadata.get("choices") and base is str:
+            kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(f"--{f.name}", **kwargs)
+
+
+def build_stage_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
+    """The command line of ``training/train_<stage>.py``: ``--config`` plus a flag for every schema field."""
+    spec = STAGES[stage]
+    parser = argparse.ArgumentParser(prog=spec.script, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="Stage config JSON (configs/<size>/<stage>.json).")
+    add_dataclass_arguments(parser, spec.training_class, "training")
+    add_dataclass_arguments(parser, DataConfig, "data")
+    return parser
+
+
+def load_stage_config(stage: str, argv: Sequence[str] | None = None, description: str | None = None) -> StageConfig:
+    """Parse ``argv``, read ``--config``, and merge: defaults < JSON < command line (the one place it happens)."""
+    parser = build_stage_parser(stage, description)
+    namespace = vars(parser.parse_args(argv))
+    path = namespace.pop("config")
+    return stage_config_from_dict(stage, read_config_file(path), namespace, path=str(path))
+
+
+def data_config_from_argv(argv: Sequence[str]) -> DataConfig:
+    """A ``DataConfig`` from data flags alone (``["--resolution", "32", "--train_data_dir", "x"]``)."""
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, DataConfig, "data")
+    values = vars(parser.parse_args(list(argv)))
+    return build_section(DataConfig, values, {name: f"--{name}" for name in _section_fields(DataConfig)})
+
+
+def data_config_from_args(args: argparse.Namespace) -> DataConfig:
+    """The ``DataConfig`` of a namespace made by a parser that called ``add_dataclass_arguments(.., DataConfig)``."""
+    values = {name: value for name, value in vars(args).items() if name in _section_fields(DataConfig)}
+    return build_section(DataConfig, values, {name: f"--{name}" for name in _section_fields(DataConfig)})
+
+
+def local_or_hub(name_or_path: str | os.PathLike, flag: str) -> str:
+    """``name_or_path`` when it is an existing local path or can only be a Hub name (``org/name``). A path that
+    does not exist but is plainly local (absolute, starting with ``.``, more than two parts, or whose first
+    folder exists here, like ``runs/te`` with ``runs/`` present) is an error naming ``flag``: it must not be
+    looked up, or downloaded, as a Hub repository of the same name."""
+    path = Path(name_or_path)
+    if path.exists():
+        return str(name_or_path)
+    first = Path(path.parts[0]) if path.parts else path
+    if path.is_absolute() or str(name_or_path).startswith(".") or len(path.parts) > 2 or first.is_dir():
+        raise FileNotFoundError(f"{flag} {name_or_path}: no such directory. Pass the stage's output directory.")
+    return str(name_or_path)
+
+
+def config_hash(payload: Any) -> str:
+    """SHA-256 (hex, 16 characters) of a JSON-serialisable payload with sorted keys."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

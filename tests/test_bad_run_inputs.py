@@ -1,0 +1,248 @@
+"""What the training side defends against: each bad config value, flag, output location or checkpoint ends in
+one clear error (naming the file, key, flag or path and what to do) or in correct handling, and nothing already
+written is lost. One test per case; read top to bottom as the list of defences."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from conftest import make_tiny_clip, make_tiny_tokenizer, make_tiny_vae, run_stage
+from ldm_pipeline.config import ConfigError, load_stage_config, local_or_hub
+from ldm_pipeline.trainer import list_checkpoints, read_jsonl, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "tiny"
+RESOLUTION = 16
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    tokenizer = make_tiny_tokenizer(16)
+    make_tiny_clip(tokenizer).save_pretrained(root / "text" / "text_encoder")
+    tokenizer.save_pretrained(root / "text" / "tokenizer")
+    make_tiny_vae(RESOLUTION).save_pretrained(root / "vae_stage" / "vae")
+    make_tiny_vae(RESOLUTION, seed=1).save_pretrained(root / "other_vae" / "vae")
+    return root
+
+
+def unet_args(stages: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(CONFIGS / "unet.json"), "--text_encoder", str(stages / "text"),
+            "--vae", str(stages / "vae_stage"), "--output_dir", str(out), "--resolution", str(RESOLUTION),
+            "--num_train_samples", "8", "--train_batch_size", "4", "--report_to", "none",
+            "--cache_dir", str(out.parent / "cache"), *extra]
+
+
+def write_config(tmp_path: Path, base: str, section: str, **changes) -> Path:
+    config = json.loads((CONFIGS / base).read_text())
+    config[section].update(changes)
+    path = tmp_path / base
+    path.write_text(json.dumps(config))
+    return path
+
+
+# ------------------------------------------------------------------------------------- config values
+
+
+def test_a_misspelt_key_names_the_file_and_the_closest_key(tmp_path):
+    path = write_config(tmp_path, "unet.json", "training", snr_gama=5.0)
+    with pytest.raises(ConfigError, match=r"unet.json: training.snr_gama .* Did you mean 'snr_gamma'\?"):
+        load_stage_config("unet", ["--config", str(path), "--text_encoder", "a", "--vae", "b"])
+
+
+def test_a_string_for_a_boolean_is_rejected_not_read_as_true(tmp_path):
+    path = write_config(tmp_path, "unet.json", "training", use_ema="false")
+    with pytest.raises(ConfigError, match=r"training.use_ema must be true or false, got 'false' \(a str\)"):
+        load_stage_config("unet", ["--config", str(path), "--text_encoder", "a", "--vae", "b"])
+
+
+def test_a_string_for_a_number_is_rejected(tmp_path):
+    path = write_config(tmp_path, "vae.json", "training", learning_rate="1e-3")
+    with pytest.raises(ConfigError, match=r"training.learning_rate must be a number"):
+        load_stage_config("vae", ["--config", str(path)])
+
+
+def test_another_stages_config_is_named_as_such():
+    with pytest.raises(ConfigError, match=r"vae.json is a vae config .* training/train_vae.py"):
+        load_stage_config("unet", ["--config", str(CONFIGS / "vae.json"), "--text_encoder", "a", "--vae", "b"])
+
+
+def test_a_key_in_the_wrong_section_says_where_it_belongs(tmp_path):
+    path = write_config(tmp_path, "vae.json", "training", resolution=32)
+    with pytest.raises(ConfigError, match=r"training.resolution belongs in the 'data' section"):
+        load_stage_config("vae", ["--config", str(path)])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--snr_gamma", "-5", r"--snr_gamma = -5.0 is out of range: it must be > 0"),
+    ("--max_grad_norm", "-1", r"--max_grad_norm = -1.0 is out of range: it must be >= 0"),
+    ("--max_train_steps", "0", r"--max_train_steps = 0 is out of range: it must be > 0"),
+    ("--max_train_steps", "-5", r"--max_train_steps = -5 is out of range"),
+    ("--gradient_accumulation_steps", "0", r"--gradient_accumulation_steps = 0 is out of range"),
+    ("--checkpointing_steps", "0", r"--checkpointing_steps = 0 is out of range"),
+    ("--caption_dropout_prob", "1.5", r"--caption_dropout_prob = 1.5 is out of range: it must be <= 1"),
+    ("--learning_rate", "nan", r"--learning_rate must be a finite number"),
+])
+def test_out_of_range_flags_are_rejected_before_any_work(flag, value, message, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match=message):
+        run_stage("unet", ["--config", str(CONFIGS / "unet.json"), "--text_encoder", "a", "--vae", "b",
+                           "--output_dir", str(out), flag, value])
+    assert not out.exists()
+
+
+def test_a_required_flag_is_named():
+    with pytest.raises(ConfigError, match=r"--vae is required"):
+        load_stage_config("unet", ["--config", str(CONFIGS / "unet.json"), "--text_encoder", "a"])
+
+
+def test_command_line_beats_json_beats_defaults(tmp_path):
+    path = write_config(tmp_path, "vae.json", "training", kl_weight=0.25)
+    config = load_stage_config("vae", ["--config", str(path), "--learning_rate", "0.5", "--use_ema", "false",
+                                       "--output_dir", str(tmp_path)])
+    assert config.training.learning_rate == 0.5  # command line
+    assert config.training.kl_weight == 0.25  # JSON
+    assert config.training.adam_beta1 == 0.9  # default
+    assert config.training.use_ema is False and config.data.resolution == 32
+    assert config.training.logging_dir == str(tmp_path / "logs")
+
+
+def test_an_unknown_model_key_is_named_with_the_closest_argument(tmp_path, stages):
+    path = write_config(tmp_path, "unet.json", "model", unet={"block_out_channel": [16, 32]})
+    with pytest.raises(ValueError, match=r"model.unet.block_out_channel .* Did you mean 'block_out_channels'"):
+        run_stage("unet", unet_args(stages, tmp_path / "out", "--config", str(path)))
+
+
+# ------------------------------------------------------------------------------------- paths
+
+
+def test_a_missing_relative_stage_path_is_not_taken_for_a_hub_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"--text_encoder runs/te: no such directory"):
+        local_or_hub("runs/te", "--text_encoder")
+    assert local_or_hub("org/model", "--text_encoder") == "org/model"  # a Hub name stays one
+
+
+def test_an_unwritable_output_dir_fails_before_the_cache_is_computed(tmp_path, stages):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match=r"--output_dir .*a_file/out is not writable"):
+        run_stage("unet", unet_args(stages, blocker / "out"))
+    with pytest.raises(PermissionError, match=r"--cache_dir .*a_file/cache is not writable"):
+        run_stage("unet", unet_args(stages, tmp_path / "out") + ["--cache_dir", str(blocker / "cache")])
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------- runs and checkpoints
+
+
+@pytest.fixture(scope="module")
+def finished_run(stages, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run_stage("unet", unet_args(stages, out, "--max_train_steps", "4", "--checkpointing_steps", "2"))
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def test_a_fresh_run_over_another_runs_checkpoints_is_refused(finished_run, stages, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    before = sorted(p.name for p in list_checkpoints(out))
+    with pytest.raises(FileExistsError, match=r"holds checkpoints of an earlier run .* --resume_from_checkpoint "
+                                              r"latest .* --overwrite_output_dir"):
+        run_stage("unet", unet_args(stages, out, "--max_train_steps", "2"))
+    assert sorted(p.name for p in list_checkpoints(out)) == before  # nothing deleted
+    run_stage("unet", unet_args(stages, out, "--max_train_steps", "1", "--overwrite_output_dir"))
+    assert list_checkpoints(out) == []  # the old run's checkpoints are gone, on request
+    assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == [1]
+
+
+def test_resuming_with_another_config_or_frozen_stage_is_refused(finished_run, stages, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    with pytest.raises(ValueError, match=r"belongs to a different run \(training.learning_rate: 0.001 -> 0.5\)"):
+        run_stage("unet", unet_args(stages, out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest",
+                                    "--learning_rate", "0.5"))
+    with pytest.raises(ValueError, match=r"belongs to a different run \(vae: "):
+        run_stage("unet", unet_args(stages, out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest",
+                                    "--vae", str(stages / "other_vae")))
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_random_state_file_stops_the_resume(finished_run, stages, tmp_path, damage):
+    out = copy_run(finished_run, tmp_path)
+    states = out / "checkpoints" / "checkpoint-4" / "random_states_0.pkl"
+    if damage == "missing":
+        states.unlink()
+    else:
+        states.write_bytes(states.read_bytes()[:20])
+    with pytest.raises(ValueError, match=r"random_states_0.pkl is (missing|damaged)"):
+        run_stage("unet", unet_args(stages, out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
+
+
+def test_a_torn_last_log_line_does_not_block_the_resume(finished_run, stages, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    log = out / "train_log.jsonl"
+    log.write_text(log.read_text() + '{"step": 5, "lo')
+    run_stage("unet", unet_args(stages, out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_earlier_one(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    save_checkpoint(accelerator, tmp_path, 1)
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4480 vs 4374")
+
+    monkeypatch.setattr(accelerator, "save_state", full_disk)
+    with pytest.raises(OSError, match="No space left on device while writing checkpoint-2") as raised:
+        save_checkpoint(accelerator, tmp_path, 2)
+    assert raised.value.errno == errno.ENOSPC
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-1"]
+    assert load_file(str(tmp_path / "checkpoints" / "checkpoint-1" / "model.safetensors"))
+    del model
+
+
+def test_a_snapshot_killed_mid_write_leaves_no_snapshot(tmp_path, monkeypatch):
+    from ldm_pipeline.unet import save_unet_snapshot
+    from conftest import make_tiny_unet
+
+    unet = make_tiny_unet()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(unet), "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_unet_snapshot(unet, None, tmp_path / "snapshots" / "step-2")
+    assert list((tmp_path / "snapshots").iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------- the command line
+
+
+def test_the_script_prints_one_line_and_exits_2(tmp_path):
+    command = [sys.executable, str(REPO / "training" / "train_vae.py"), "--config", str(CONFIGS / "vae.json"),
+               "--output_dir", str(tmp_path / "o"), "--max_train_steps", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "train_vae.py: error: --max_train_steps = 0 is out of range: it must be > 0."]
+    verbose = subprocess.run(command + ["--verbose"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
