@@ -477,6 +477,31 @@ class StageTrainer:
     def prepare(self, *objects):
         return self.accelerator.prepare(*objects)
 
+    def adamw(self, parameters, learning_rate: float | None = None) -> torch.optim.AdamW:
+        """AdamW with the configured betas and weight decay (``learning_rate`` defaults to the configured one)."""
+        return torch.optim.AdamW(parameters, lr=learning_rate or self.args.learning_rate,
+                                 betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                 weight_decay=self.args.adam_weight_decay)
+
+    def lr_schedule(self, optimizer: torch.optim.Optimizer, name: str | None = None):
+        """The configured ``diffusers.optimization`` schedule over ``max_train_steps`` (counted per process, as
+        the prepared scheduler steps once per process)."""
+        from diffusers.optimization import get_scheduler
+
+        num_processes = self.accelerator.num_processes
+        return get_scheduler(name or self.args.lr_scheduler, optimizer=optimizer,
+                             num_warmup_steps=self.args.lr_warmup_steps * num_processes,
+                             num_training_steps=self.args.max_train_steps * num_processes)
+
+    def dataloader(self, dataset, collate_fn=None) -> tuple[torch.utils.data.DataLoader, EpochShuffleSampler]:
+        """A training loader over ``dataset`` in the order of an ``EpochShuffleSampler`` (exact resume), full
+        batches only; its workers draw their seeds from a generator of their own, not from the global RNG."""
+        sampler = EpochShuffleSampler(len(dataset), self.args.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.args.train_batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=True,
+            num_workers=self.args.dataloader_num_workers, generator=torch.Generator().manual_seed(self.args.seed))
+        return loader, sampler
+
     def track_ema(self, model: torch.nn.Module, model_cls, subfolder: str):
         """Keep an EMA of ``model``'s weights when ``--use_ema``; it is checkpointed and stepped after every update."""
         if not self.args.use_ema:

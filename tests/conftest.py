@@ -166,6 +166,19 @@ def tiny_t5_pipeline_dir(tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="session")
+def tiny_stage_dirs(tmp_path_factory):
+    """Random text-encoder and VAE stage outputs laid out as the stages write them: ``text/`` (text_encoder/,
+    tokenizer/), ``vae_stage/vae`` and ``other_vae/vae`` (same shape, other weights), for 16 px images."""
+    root = tmp_path_factory.mktemp("stages")
+    tokenizer = make_tiny_tokenizer(16)
+    make_tiny_clip(tokenizer).save_pretrained(root / "text" / "text_encoder")
+    tokenizer.save_pretrained(root / "text" / "tokenizer")
+    make_tiny_vae(16).save_pretrained(root / "vae_stage" / "vae")
+    make_tiny_vae(16, seed=1).save_pretrained(root / "other_vae" / "vae")
+    return root
+
+
 def run_stage(stage: str, argv: list[str]) -> dict:
     """``training/train_<stage>.py`` run in this process with ``argv`` (``ldm_pipeline.trainer.run_in_process``)."""
     from ldm_pipeline.trainer import run_in_process

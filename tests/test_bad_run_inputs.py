@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from conftest import make_tiny_clip, make_tiny_tokenizer, make_tiny_vae, run_stage
+from conftest import run_stage
 from ldm_pipeline.config import ConfigError, load_stage_config, local_or_hub
 from ldm_pipeline.trainer import list_checkpoints, read_jsonl, save_checkpoint
 
@@ -26,14 +26,8 @@ RESOLUTION = 16
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
-    tokenizer = make_tiny_tokenizer(16)
-    make_tiny_clip(tokenizer).save_pretrained(root / "text" / "text_encoder")
-    tokenizer.save_pretrained(root / "text" / "tokenizer")
-    make_tiny_vae(RESOLUTION).save_pretrained(root / "vae_stage" / "vae")
-    make_tiny_vae(RESOLUTION, seed=1).save_pretrained(root / "other_vae" / "vae")
-    return root
+def stages(tiny_stage_dirs):
+    return tiny_stage_dirs
 
 
 def unet_args(stages: Path, out: Path, *extra: str) -> list[str]:

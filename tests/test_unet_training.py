@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL
 from transformers import T5EncoderModel
 from safetensors.torch import load_file
 
-from conftest import make_tiny_clip, make_tiny_t5, make_tiny_tokenizer, make_tiny_vae, run_stage
+from conftest import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae, run_stage
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.caching import LatentCache, cache_path
 from ldm_pipeline.trainer import NonFiniteLossError
@@ -28,14 +28,8 @@ RESOLUTION = 16  # tiny VAE factor 2 -> 8x8x4 latents
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    """Tiny random stage outputs laid out like the text and VAE stages write them."""
-    root = tmp_path_factory.mktemp("stages")
-    tokenizer = make_tiny_tokenizer(16)
-    make_tiny_clip(tokenizer).save_pretrained(root / "text" / "text_encoder")
-    tokenizer.save_pretrained(root / "text" / "tokenizer")
-    make_tiny_vae(RESOLUTION).save_pretrained(root / "vae_stage" / "vae")
-    return root
+def stages(tiny_stage_dirs):
+    return tiny_stage_dirs
 
 
 def base_args(stages: Path, out: Path, *extra: str, cache_dir: Path | None = None) -> list[str]:

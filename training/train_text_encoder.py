@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from diffusers.optimization import get_scheduler
 from transformers import AutoTokenizer
 
 from ldm_pipeline.config import load_stage_config
@@ -31,7 +30,7 @@ from ldm_pipeline.text_encoder import (
     same_caption_matrix,
     train_tokenizer,
 )
-from ldm_pipeline.trainer import EpochShuffleSampler, StageTrainer, check_writable
+from ldm_pipeline.trainer import StageTrainer, check_writable
 
 
 def copy_pretrained(name_or_path: str, output_dir: Path) -> dict:
@@ -85,16 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{len(tokenizer)}, max length {tokenizer.model_max_length}")
 
     # 4. Optimizer, learning-rate schedule, data loaders.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay)
-    num_processes = trainer.accelerator.num_processes
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * num_processes,
-                                 num_training_steps=args.max_train_steps * num_processes)
-    sampler = EpochShuffleSampler(len(train_dataset), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate_examples,
-        drop_last=True, num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))
+    optimizer = trainer.adamw(model.parameters())
+    lr_scheduler = trainer.lr_schedule(optimizer)
+    train_dataloader, sampler = trainer.dataloader(train_dataset, collate_examples)
     model, optimizer, train_dataloader, lr_scheduler = trainer.prepare(model, optimizer, train_dataloader, lr_scheduler)
     validation_dataloader = torch.utils.data.DataLoader(
         build_dataset(data, split="validation"), batch_size=args.validation_batch_size or args.train_batch_size,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.optimization import get_scheduler
 
 from ldm_pipeline.caching import CachedLatentDataset, cache_key, compute_cache, load_shared_cache, sample_latents
 from ldm_pipeline.config import load_stage_config
@@ -32,7 +31,7 @@ from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 from ldm_pipeline.schedulers import scheduler_from_name
 from ldm_pipeline.text_encoder import load_pretrained_text_encoder
-from ldm_pipeline.trainer import EpochShuffleSampler, StageTrainer, check_writable
+from ldm_pipeline.trainer import StageTrainer, check_writable
 from ldm_pipeline.unet import (
     DenoisingObjective,
     build_unet,
@@ -86,16 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
         loader_dataset, collate_fn = train_dataset, collate_examples
 
     # 4. Optimizer, learning-rate schedule, data loader, EMA.
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay)
-    num_processes = trainer.accelerator.num_processes
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * num_processes,
-                                 num_training_steps=args.max_train_steps * num_processes)
-    sampler = EpochShuffleSampler(len(loader_dataset), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(
-        loader_dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=True,
-        num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))
+    optimizer = trainer.adamw(unet.parameters())
+    lr_scheduler = trainer.lr_schedule(optimizer)
+    train_dataloader, sampler = trainer.dataloader(loader_dataset, collate_fn)
     unet, optimizer, train_dataloader, lr_scheduler = trainer.prepare(unet, optimizer, train_dataloader, lr_scheduler)
     model = trainer.accelerator.unwrap_model(unet)
     trainer.track_ema(model, UNet2DConditionModel, "unet_ema")

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL
-from diffusers.optimization import get_scheduler
 
 from ldm_pipeline.config import load_stage_config
 from ldm_pipeline.data import build_dataset, collate_examples
 from ldm_pipeline.errors import run_cli
-from ldm_pipeline.trainer import EpochShuffleSampler, StageTrainer
+from ldm_pipeline.trainer import StageTrainer
 from ldm_pipeline.vae import (
     AutoencoderLoss,
     AutoencoderWithPosterior,
@@ -67,20 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{args.disc_start}")
 
     # 3. Two optimizers (autoencoder, discriminator), schedules, data loader; all prepared for exact resume.
-    betas = (args.adam_beta1, args.adam_beta2)
-    ae_optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate, betas=betas,
-                                     weight_decay=args.adam_weight_decay)
-    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.disc_learning_rate or args.learning_rate,
-                                       betas=betas, weight_decay=args.adam_weight_decay)
-    num_processes = trainer.accelerator.num_processes
-    ae_lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=ae_optimizer,
-                                    num_warmup_steps=args.lr_warmup_steps * num_processes,
-                                    num_training_steps=args.max_train_steps * num_processes)
-    disc_lr_scheduler = get_scheduler("constant", optimizer=disc_optimizer)
-    sampler = EpochShuffleSampler(len(train_dataset), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate_examples,
-        drop_last=True, num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))
+    ae_optimizer = trainer.adamw(vae.parameters())
+    disc_optimizer = trainer.adamw(discriminator.parameters(), args.disc_learning_rate)
+    ae_lr_scheduler = trainer.lr_schedule(ae_optimizer)
+    disc_lr_scheduler = trainer.lr_schedule(disc_optimizer, "constant")
+    train_dataloader, sampler = trainer.dataloader(train_dataset, collate_examples)
     model, discriminator, ae_optimizer, disc_optimizer, train_dataloader, ae_lr_scheduler, disc_lr_scheduler = (
         trainer.prepare(AutoencoderWithPosterior(vae), discriminator, ae_optimizer, disc_optimizer,
                         train_dataloader, ae_lr_scheduler, disc_lr_scheduler))
