@@ -16,6 +16,7 @@ from PIL import Image
 from scipy import linalg
 from scipy.spatial.distance import cdist
 
+from ldm_pipeline.cli_eval import build_parser as eval_parser
 from ldm_pipeline.cli_eval import evaluate_command
 from ldm_pipeline.cli_eval import main as eval_main
 from ldm_pipeline.data import build_dataset
@@ -296,3 +297,29 @@ def test_ldm_eval_user_data_errors_name_the_flag(tmp_path, tiny_pipeline_dir, us
     with pytest.raises(FileNotFoundError, match="image_tower/"):
         evaluate_command(["--model", str(tiny_pipeline_dir), "--text_stage", str(tmp_path),
                           "--train_data_dir", str(user_folder), "--num_validation_samples", "8", "--out", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------ benchmarks/alignment_vs_geneval
+
+def test_alignment_vs_geneval_rank_correlation_and_arguments(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import alignment_vs_geneval as benchmark
+
+    rows = [{"geneval_overall": g, "alignment": {"cosine": c, "top1": t}}
+            for g, c, t in ((0.1, 0.20, 0.3), (0.4, 0.25, 0.1), (0.3, 0.31, 0.2), (0.6, 0.40, 0.5))]
+    correlations = benchmark.rank_correlations(rows)
+    ranks = lambda values: np.argsort(np.argsort(values))  # noqa: E731
+    for key in ("cosine", "top1"):
+        expected = np.corrcoef(ranks([r["geneval_overall"] for r in rows]), ranks([r["alignment"][key] for r in rows]))[0, 1]
+        assert correlations[key] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="at least 3 snapshots"):
+        benchmark.rank_correlations(rows[:2])
+
+    arguments = benchmark.alignment_arguments(tmp_path / "run", REPO / "configs" / "tiny", num_captions=6)
+    parsed = eval_parser().parse_args(["--model", "m", "--out", "o"] + arguments)
+    assert parsed.text_stage == str(tmp_path / "run" / "text_encoder_stage") and parsed.num_images == 6
+    assert parsed.num_train_samples == 32 and parsed.num_validation_samples == 8 and parsed.train_data_dir is None
+    snapshot = benchmark.eval_arguments(tmp_path, tmp_path / "o", tmp_path / "step-3", {"steps": 2}, seed=1)
+    assert snapshot[snapshot.index("--unet") + 1] == str(tmp_path / "step-3")
