@@ -43,7 +43,6 @@ from ldm_pipeline.evaluation.images import labelled_grid, sample_images, to_pil_
 from ldm_pipeline.evaluation.memorization import DEFAULT_PERCENTILE
 from ldm_pipeline.evaluation.scoring import (
     GenEvalScorer,
-    Judgement,
     classifier_accuracy,
     make_prompt_set,
     render_prompt_set,
