@@ -1,9 +1,16 @@
-"""``ldm-eval``: GenEval-style prompt-following scores and a classifier FID for a trained pipeline.
+"""``ldm-eval``: scores for a trained pipeline, on the built-in ``shapes`` grammar or on the user's own data.
 
     ldm-eval --model runs/demo/pipeline --num_images 20 --seed 0 --out runs/demo/eval \\
         [--scheduler ddim --steps 50 --guidance_scale 4 --batch_size 16 --inception_weights PATH]
     ldm-eval --real --resolution 64 --num_images 20 --out runs/real_eval     # the dataset's own renders
     ldm-eval --vae runs/demo/vae_stage --num_images 20 --out runs/vae_eval   # the VAE's reconstructions of them
+    ldm-eval --model runs/mine/pipeline --text_stage runs/mine/text_encoder_stage --train_data_dir my_folder \\
+        --out runs/mine/eval                                                 # the user's own data
+
+With ``--text_stage``, the images are generated for the held-out captions of the data selected by the training
+data flags and judged by the stage-1 towers (``ldm_pipeline.evaluation.user_data``): prompt alignment with its
+ceiling and floor, FID and precision/recall in the image tower's features, and memorization against the
+training split. Otherwise:
 
 Generates ``--num_images`` images per category for the fixed prompt set ``make_prompt_set(num_images, seed)``
 (image ``k`` from noise seeded ``seed * 1_000_003 + k``), scores them from their pixels
@@ -18,28 +25,31 @@ decoder, i.e. the ceiling that any U-Net on this VAE can reach). Writes ``OUT/re
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from ldm_pipeline.data import add_data_args, build_dataset
 from ldm_pipeline.data.shapes import CATEGORIES
+from ldm_pipeline.errors import run_cli
 from ldm_pipeline.evaluation.classifier import WEIGHTS_DIR, load_object_classifier
+from ldm_pipeline.evaluation.feature_metrics import DEFAULT_K
 from ldm_pipeline.evaluation.fid import frechet_distance_of_features, inception_fid_unavailable_reason
+from ldm_pipeline.evaluation.images import labelled_grid, sample_images, to_pil_images
+from ldm_pipeline.evaluation.memorization import DEFAULT_PERCENTILE
 from ldm_pipeline.evaluation.scoring import (
     GenEvalScorer,
-    Judgement,
     classifier_accuracy,
     make_prompt_set,
     render_prompt_set,
 )
 
-NOISE_SEED_STRIDE = 1_000_003
-CELL = 128
-LABEL_HEIGHT = 40
+SHAPES_NUM_IMAGES = 20
+DATA_SOURCE_FLAGS = ("train_data_dir", "dataset_name")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="Pipeline directory (LatentDiffusionPipeline.save_pretrained).")
     source.add_argument("--real", action="store_true", help="Score the dataset's own renders (sanity check).")
     source.add_argument("--vae", help="VAE stage output (or vae) directory: score its reconstructions of the renders.")
-    parser.add_argument("--num_images", type=int, default=20, help="Images per category (six categories).")
+    parser.add_argument("--num_images", type=int, default=None,
+                        help=f"Images per category (six categories; default {SHAPES_NUM_IMAGES}); with --text_stage: "
+                             "held-out captions to generate for (default: all).")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the prompt set and the initial noise.")
     parser.add_argument("--out", required=True, help="Output directory.")
     parser.add_argument("--unet", default=None,
@@ -57,93 +69,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=50, help="Number of inference steps.")
     parser.add_argument("--guidance_scale", type=float, default=4.0, help="Classifier-free guidance scale.")
     parser.add_argument("--batch_size", type=int, default=16, help="Images generated per pipeline call.")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="Image size (default: the pipeline's or VAE's; 64 with --real).")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
     parser.add_argument("--classifier", default=None, help=f"Object classifier directory (default: {WEIGHTS_DIR}).")
     parser.add_argument("--inception_weights", default=None,
                         help="Local Inception weights for the standard FID (never downloaded).")
     parser.add_argument("--grid_images", type=int, default=16, help="Images per category shown in each grid.")
+    user = parser.add_argument_group("evaluation on your own data (with --model)")
+    user.add_argument("--text_stage", default=None,
+                      help="Text-stage output dir (text_encoder/, tokenizer/, image_tower/): its towers judge the "
+                           "images generated for the held-out captions of the data flags below.")
+    user.add_argument("--max_train_images", type=int, default=None,
+                      help="Search only the first N training images for nearest neighbours (default: all).")
+    user.add_argument("--memorization_percentile", type=float, default=DEFAULT_PERCENTILE,
+                      help="Flag a generation closer to a training image than this percentile of held-out images.")
+    user.add_argument("--knn_k", type=int, default=DEFAULT_K, help="k of the k-NN precision/recall manifolds.")
+    add_data_args(parser)
+    parser.set_defaults(resolution=None)
     return parser
 
 
-def to_pil_images(arrays: np.ndarray) -> list[Image.Image]:
-    """[N, H, W, 3] floats in [0, 1] -> uint8 RGB PIL images."""
-    return [Image.fromarray((array * 255).round().clip(0, 255).astype(np.uint8)) for array in arrays]
-
-
-def generate_images(args: argparse.Namespace, prompts: list[str]) -> tuple[list[Image.Image], dict]:
-    """Sample one image per prompt with the pipeline in ``args.model``; returns (images, settings)."""
+def load_pipeline(args: argparse.Namespace):
+    """``args.model`` (with ``--unet`` and ``--scheduler`` applied) on ``args.device``."""
     import torch
 
     from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        pipe = LatentDiffusionPipeline.from_pretrained(args.model)
-        if args.unet:
-            from diffusers import UNet2DConditionModel
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    if args.unet:
+        from diffusers import UNet2DConditionModel
 
-            pipe.unet = UNet2DConditionModel.from_pretrained(args.unet)
-        if args.scheduler:
-            pipe.set_scheduler(args.scheduler)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"ldm-eval: {error}") from error
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    size = args.resolution
-    images = []
+        pipe.unet = UNet2DConditionModel.from_pretrained(args.unet)
+    if args.scheduler:
+        pipe.set_scheduler(args.scheduler)
+    return pipe.to(device)
+
+
+def generate_images(args: argparse.Namespace, prompts: list[str]) -> tuple[list[Image.Image], dict]:
+    """Sample one image per prompt with the pipeline in ``args.model``; returns (images, settings)."""
+    pipe = load_pipeline(args)
     start = time.time()
-    for first in range(0, len(prompts), args.batch_size):
-        batch = prompts[first : first + args.batch_size]
-        generators = [torch.Generator("cpu").manual_seed(args.seed * NOISE_SEED_STRIDE + k)
-                      for k in range(first, first + len(batch))]
-        try:
-            output = pipe(prompt=batch, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                          height=size, width=size, generator=generators, output_type="np").images
-        except ValueError as error:
-            raise SystemExit(f"ldm-eval: {error}") from error
-        images += to_pil_images(output)
+    images = sample_images(pipe, prompts, args.seed, args.steps, args.guidance_scale, args.batch_size, args.resolution)
     settings = {"scheduler": pipe.scheduler.__class__.__name__, "steps": args.steps,
-                "guidance_scale": args.guidance_scale, "batch_size": args.batch_size, "device": device,
+                "guidance_scale": args.guidance_scale, "batch_size": args.batch_size, "device": str(pipe.device),
                 "resolution": images[0].width, "generation_seconds": round(time.time() - start, 2)}
     return images, settings
-
-
-def _draw_verdict(draw: ImageDraw.ImageDraw, x: int, y: int, correct: bool) -> None:
-    """A green tick or a red cross in a 14 x 14 square at (x, y) (drawn, not a font glyph)."""
-    if correct:
-        draw.line([(x + 1, y + 7), (x + 5, y + 12), (x + 13, y + 2)], fill=(20, 150, 40), width=3)
-    else:
-        draw.line([(x + 2, y + 2), (x + 12, y + 12)], fill=(210, 30, 30), width=3)
-        draw.line([(x + 12, y + 2), (x + 2, y + 12)], fill=(210, 30, 30), width=3)
-
-
-def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if line and draw.textlength(candidate, font=font) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    return lines + [line] if line else lines
-
-
-def labelled_grid(images: list[Image.Image], judgements: list[Judgement], columns: int = 4) -> Image.Image:
-    """Images (upscaled to ``CELL`` px) in rows of ``columns``, each over its prompt and verdict mark."""
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * CELL, rows * (CELL + LABEL_HEIGHT)), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default(size=12)
-    for index, (image, judgement) in enumerate(zip(images, judgements)):
-        x, y = (index % columns) * CELL, (index // columns) * (CELL + LABEL_HEIGHT)
-        grid.paste(image.convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST), (x, y))
-        _draw_verdict(draw, x + 3, y + CELL + 4, judgement.correct)
-        for line_index, line in enumerate(_wrap(judgement.prompt, font, CELL - 22, draw)[:2]):
-            draw.text((x + 20, y + CELL + 3 + 16 * line_index), line, fill=(0, 0, 0), font=font)
-    return grid
 
 
 def reconstruct_images(args: argparse.Namespace, prompt_set) -> tuple[list[Image.Image], dict]:
@@ -153,14 +123,12 @@ def reconstruct_images(args: argparse.Namespace, prompt_set) -> tuple[list[Image
     from ldm_pipeline.data.datasets import image_to_tensor
     from ldm_pipeline.vae import load_vae, reconstruct, to_unit_range
 
-    try:
-        vae = load_vae(args.vae).eval()
-    except OSError as error:
-        raise SystemExit(f"ldm-eval: {error}") from error
+    vae = load_vae(args.vae).eval()
     resolution = args.resolution or vae.config.sample_size
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % factor:
-        raise SystemExit(f"ldm-eval: --resolution {resolution} is not divisible by the VAE's factor {factor}.")
+        raise ValueError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}: pass a multiple "
+                         f"of {factor}.")
     renders = render_prompt_set(prompt_set, resolution)
     images = []
     for first in range(0, len(renders), args.batch_size):
@@ -189,17 +157,65 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Reject values and flag combinations that cannot work, naming the flag and what to pass instead."""
+    for flag in ("num_images", "batch_size", "max_train_images", "knn_k"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag} must be positive, got {value}.")
+    if not 0 < args.memorization_percentile < 100:
+        raise ValueError(f"--memorization_percentile must be in (0, 100), got {args.memorization_percentile}.")
+    data_flags = [f"--{flag}" for flag in DATA_SOURCE_FLAGS if getattr(args, flag) is not None]
+    if args.text_stage is None and data_flags:
+        raise ValueError(f"{data_flags[0]} needs --text_stage TEXT_STAGE_DIR (the text stage trained on that data: "
+                         "its towers judge the images).")
+    if args.text_stage is not None and args.model is None:
+        raise ValueError("--text_stage evaluates a pipeline: pass --model PIPELINE (not --real or --vae).")
+
+
+def load_split(args: argparse.Namespace, split: str):
+    """The ``split`` of the data that the training data flags in ``args`` select, read deterministically
+    (centre crop, no flip) at ``args.resolution``."""
+    data_args = copy.copy(args)
+    data_args.random_crop, data_args.random_flip, data_args.center_crop = None, None, True
+    return build_dataset(data_args, split=split)
+
+
+def evaluate_user_data(args: argparse.Namespace) -> dict:
+    """``--text_stage`` mode: ``evaluate_on_user_data`` on the held-out and training splits of the data flags."""
+    from ldm_pipeline.evaluation.alignment import load_stage_one_towers
+    from ldm_pipeline.evaluation.user_data import evaluate_on_user_data
+
+    pipe = load_pipeline(args)
+    if args.resolution is None:
+        args.resolution = pipe.default_height_width()[0]
+    heldout_dataset, train_dataset = load_split(args, "validation"), load_split(args, "train")
+    towers = load_stage_one_towers(args.text_stage, fit_dataset=train_dataset)
+    return evaluate_on_user_data(
+        pipe, towers, heldout_dataset, train_dataset, out=args.out, num_images=args.num_images, seed=args.seed,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+        k=args.knn_k, percentile=args.memorization_percentile, max_train_images=args.max_train_images,
+        grid_images=args.grid_images, model_name=str(args.model), report_fields={
+            "unet": args.unet, "text_stage": str(args.text_stage),
+            "data": args.train_data_dir or args.dataset_name or "built-in shapes", "inception_fid": None,
+            "inception_fid_note": inception_fid_unavailable_reason(args.inception_weights)},
+    )
+
+
 def evaluate(args: argparse.Namespace) -> dict:
+    """Evaluate as the flags say (on user data with ``--text_stage``, else on the shapes grammar) and write
+    the outputs; returns the report."""
+    check_args(args)
+    if args.text_stage is not None:
+        return evaluate_user_data(args)
+    return evaluate_shapes(args)
+
+
+def evaluate_shapes(args: argparse.Namespace) -> dict:
     """Generate (or render), score, measure FID and write the outputs; returns the report."""
-    if args.num_images <= 0:
-        raise SystemExit(f"ldm-eval: --num_images must be positive, got {args.num_images}.")
-    if args.batch_size <= 0:
-        raise SystemExit(f"ldm-eval: --batch_size must be positive, got {args.batch_size}.")
-    try:
-        classifier = load_object_classifier(args.classifier)
-    except FileNotFoundError as error:
-        raise SystemExit(f"ldm-eval: {error}") from error
-    scorer = GenEvalScorer(classifier)
+    if args.num_images is None:
+        args.num_images = SHAPES_NUM_IMAGES
+    scorer = GenEvalScorer(load_object_classifier(args.classifier))
     prompt_set = make_prompt_set(args.num_images, args.seed)
     captions = [p.prompt for p in prompt_set]
 
@@ -247,18 +263,25 @@ def evaluate(args: argparse.Namespace) -> dict:
         image.save(out / "samples" / f"{prompt.category}_{prompt.index:04d}.png")
     for category in CATEGORIES:
         chosen = [i for i, p in enumerate(prompt_set) if p.category == category][: args.grid_images]
-        labelled_grid([images[i] for i in chosen], [judgements[i] for i in chosen]).save(out / f"grid_{category}.png")
+        labelled_grid([images[i] for i in chosen], [judgements[i].prompt for i in chosen],
+                      [judgements[i].correct for i in chosen]).save(out / f"grid_{category}.png")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "judgements.json").write_text(json.dumps([j.to_dict() for j in judgements], indent=1) + "\n")
     (out / "report.md").write_text(markdown_report(report))
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: evaluates and prints ``report.md``."""
+def evaluate_command(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, evaluate, print ``report.md``; returns the report (errors propagate)."""
     args = build_parser().parse_args(argv)
-    evaluate(args)
+    report = evaluate(args)
     print((Path(args.out) / "report.md").read_text(), end="")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: ``evaluate_command`` with one line per error (``--verbose``: the traceback)."""
+    run_cli(evaluate_command, argv, prog="ldm-eval")
 
 
 if __name__ == "__main__":

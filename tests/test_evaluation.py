@@ -13,6 +13,7 @@ from PIL import Image
 from scipy import linalg, ndimage
 
 from conftest import make_tiny_vae
+from ldm_pipeline.cli_eval import evaluate_command
 from ldm_pipeline.cli_eval import main as eval_main
 from ldm_pipeline.data.shapes import (
     CATEGORIES,
@@ -308,15 +309,19 @@ def test_ldm_eval_vae_mode_scores_the_reconstructions_of_the_renders(tmp_path):
     saved = np.asarray(Image.open(out / "samples" / f"{prompt.category}_{prompt.index:04d}.png"))
     np.testing.assert_allclose(saved, (expected * 255).round(), atol=1)
 
-    with pytest.raises(SystemExit, match="no vae/config.json"):
-        eval_main(["--vae", str(tmp_path / "nowhere"), "--num_images", "1", "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="not divisible by the VAE's factor"):
-        eval_main(["--vae", str(tmp_path / "vae_stage"), "--resolution", "31", "--num_images", "1",
-                   "--out", str(tmp_path / "o")])
+    with pytest.raises(OSError, match="no vae/config.json"):
+        evaluate_command(["--vae", str(tmp_path / "nowhere"), "--num_images", "1", "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="not divisible by the VAE's factor"):
+        evaluate_command(["--vae", str(tmp_path / "vae_stage"), "--resolution", "31", "--num_images", "1",
+                          "--out", str(tmp_path / "o")])
 
 
-def test_ldm_eval_bad_input(tmp_path):
-    with pytest.raises(SystemExit, match="num_images must be positive"):
-        eval_main(["--real", "--num_images", "0", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="no model_index.json|not a pipeline directory"):
-        eval_main(["--model", str(tmp_path), "--num_images", "1", "--out", str(tmp_path / "o")])
+def test_ldm_eval_bad_input(tmp_path, capsys):
+    with pytest.raises(ValueError, match="num_images must be positive"):
+        evaluate_command(["--real", "--num_images", "0", "--out", str(tmp_path)])
+    with pytest.raises(OSError, match="no model_index.json|not a pipeline directory"):
+        evaluate_command(["--model", str(tmp_path), "--num_images", "1", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--real", "--batch_size", "-1", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "ldm-eval: error: --batch_size must be positive, got -1.\n"

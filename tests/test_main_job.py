@@ -1,4 +1,5 @@
-"""The main job end to end on the tiny configs: three `accelerate launch` stages, evaluation, samples, summary."""
+"""The main job end to end on the tiny configs: three `accelerate launch` stages, evaluation, samples, summary;
+also on a user imagefolder."""
 
 import json
 import sys
@@ -12,6 +13,7 @@ sys.path.insert(0, str(REPO / "training"))
 import run_demo  # noqa: E402
 
 from ldm_pipeline import LatentDiffusionPipeline  # noqa: E402
+from ldm_pipeline.data.export import main as export_main  # noqa: E402
 from ldm_pipeline.data.shapes import CATEGORIES  # noqa: E402
 
 
@@ -60,3 +62,49 @@ def test_every_config_set_trains_its_stages_at_one_resolution():
                 resolutions[name] = json.loads(path.read_text())["data"]["resolution"]
         assert "vae.json" in resolutions and "unet.json" in resolutions, config_dir
         assert len(set(resolutions.values())) == 1, f"{config_dir.name}: {resolutions}"
+
+
+def test_data_flags_reach_every_stage_and_own_data_is_judged_by_the_text_stage(tmp_path, monkeypatch):
+    out = tmp_path / "mine"
+    launched = []
+
+    def fake_run(command, log_path):
+        launched.append(command)
+        if "ldm_pipeline.cli_eval" in command:
+            eval_dir = Path(command[command.index("--out") + 1])
+            eval_dir.mkdir(parents=True)
+            (eval_dir / "judgements.json").write_text(json.dumps([{"caption": f"a photo {i % 20}"} for i in range(30)]))
+        return 1.0
+
+    monkeypatch.setattr(run_demo, "run", fake_run)
+    run_demo.main(["--config_dir", str(REPO / "configs" / "tiny"), "--output_dir", str(out),
+                   "--train_data_dir", "my_folder", "--caption_column", "caption", "--random_flip"])
+    for command in launched[:4]:
+        flags = command[command.index("--train_data_dir"):]
+        assert flags[:2] == ["--train_data_dir", "my_folder"] and "--random_flip" in flags
+        assert flags[flags.index("--caption_column") + 1] == "caption"
+        assert flags[flags.index("--num_validation_samples") + 1] == str(run_demo.USER_DATA_VALIDATION_SAMPLES)
+    evaluation, samples = launched[3], launched[4]
+    assert evaluation[evaluation.index("--text_stage") + 1] == str(out.resolve() / "text_encoder_stage")
+    prompts = [samples[i + 1] for i, arg in enumerate(samples) if arg == "--prompt"]
+    assert prompts == [f"a photo {i}" for i in range(run_demo.NUM_USER_SAMPLE_PROMPTS)]
+
+
+def test_main_job_on_a_user_imagefolder(tmp_path):
+    """`run_demo.py --train_data_dir`: the three stages train on an exported folder and ldm-eval judges the
+    generations with the text stage's towers."""
+    folder = tmp_path / "my_folder"
+    export_main(["--out", str(folder), "--num_samples", "48", "--resolution", "32"])
+    out = tmp_path / "mine"
+    summary = run_demo.main(["--config_dir", str(REPO / "configs" / "tiny"), "--output_dir", str(out),
+                             "--train_data_dir", str(folder), "--num_validation_samples", "8"])
+
+    report = summary["evaluation"]
+    assert summary["data"] == str(folder) and report["num_images"] == 8
+    assert set(report["alignment"]) == {"generated", "real", "shuffled"}
+    assert report["memorization"]["num_train_images"] == 40
+    assert 0.0 <= report["fidelity"]["precision"] <= 1.0
+    captions = {json.loads(line)["text"] for line in (folder / "metadata.jsonl").read_text().splitlines()}
+    assert {j["caption"] for j in json.loads((out / "eval" / "judgements.json").read_text())} <= captions
+    assert "(ceiling)" in (out / "summary.md").read_text()
+    assert Image.open(summary["sample_grid"]).size[0] > 0

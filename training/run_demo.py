@@ -1,7 +1,8 @@
-"""The main job: train the three stages on the built-in `shapes` data, then generate and evaluate.
+"""The main job: train the three stages on the built-in `shapes` data (or your own), then generate and evaluate.
 
     python training/run_demo.py --output_dir runs/demo                       # configs/demo, ~20 min on 2 CPU cores
     python training/run_demo.py --config_dir configs/tiny --output_dir /tmp/t   # the same recipe in a minute
+    python training/run_demo.py --train_data_dir my_folder --output_dir runs/mine   # your captioned images
 
 Each stage is its own `accelerate launch` of a script in training/, exactly as a user would run it:
 
@@ -10,6 +11,11 @@ Each stage is its own `accelerate launch` of a script in training/, exactly as a
     3. train_unet.py          -> OUT/pipeline  (a LatentDiffusionPipeline directory)
     4. ldm-eval               -> OUT/eval/{report.json,report.md,grids}
     5. ldm-generate           -> OUT/samples/grid.png for "a red cat" and a dozen other prompts
+
+The data flags of the training scripts (``--train_data_dir``, ``--dataset_name``, ``--caption_column``, ...) are
+passed to every stage. With your own data, every stage holds out the same ``--num_validation_samples`` items
+(default 200), ``ldm-eval --text_stage`` judges the images generated for those held-out captions with the text
+stage's towers (the shapes scorer only applies to shapes data) and the sample grid shows a dozen of them.
 
 It ends with a summary (time per stage, retrieval accuracy, PSNR, GenEval-style scores, sample grid path),
 printed and written to OUT/summary.json and OUT/summary.md.
@@ -26,8 +32,13 @@ import sys
 import time
 from pathlib import Path
 
+from ldm_pipeline.data import add_data_args
+from ldm_pipeline.errors import run_cli
+
 REPO = Path(__file__).resolve().parent.parent
 
+USER_DATA_VALIDATION_SAMPLES = 200
+NUM_USER_SAMPLE_PROMPTS = 12
 SAMPLE_PROMPTS = [
     "a red cat",
     "a blue cat",
@@ -54,7 +65,30 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip_existing", action="store_true",
                         help="Reuse a stage's output when it is already complete in OUTPUT_DIR.")
+    add_data_args(parser)
     return parser.parse_args(argv)
+
+
+def data_flags(args: argparse.Namespace) -> list[str]:
+    """The data flags given on the command line, as arguments for every stage (configs fill the rest)."""
+    flags = []
+    for name in vars(add_data_args(argparse.ArgumentParser()).parse_args([])):
+        value = getattr(args, name)
+        if value is True:
+            flags.append(f"--{name}")
+        elif value is not None:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+def uses_own_data(args: argparse.Namespace) -> bool:
+    return args.train_data_dir is not None or args.dataset_name is not None
+
+
+def user_sample_prompts(eval_dir: Path) -> list[str]:
+    """The first ``NUM_USER_SAMPLE_PROMPTS`` distinct held-out captions that ``ldm-eval`` generated for."""
+    judgements = json.loads((eval_dir / "judgements.json").read_text())
+    return list(dict.fromkeys(j["caption"] for j in judgements))[:NUM_USER_SAMPLE_PROMPTS]
 
 
 def run(command: list[str], log_path: Path) -> float:
@@ -62,7 +96,8 @@ def run(command: list[str], log_path: Path) -> float:
     print(f"\n$ {shlex.join(command)}", flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                   env=stage_environment())
         for line in process.stdout:
             sys.stdout.write(line)
             log.write(line)
@@ -70,6 +105,12 @@ def run(command: list[str], log_path: Path) -> float:
     if returncode != 0:
         raise SystemExit(f"Stage failed (exit {returncode}): {shlex.join(command)}\nSee {log_path}.")
     return time.perf_counter() - start
+
+
+def stage_environment() -> dict[str, str]:
+    """The environment of a stage: this checkout's ``ldm_pipeline`` first on the path, whatever is installed."""
+    path = [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def accelerate_launch(script: str) -> list[str]:
@@ -93,37 +134,49 @@ def main(argv=None) -> dict:
         text_config = config_dir / "text_encoder_clip.json"
     eval_config = read_json(config_dir / "eval.json")
     seed = ["--seed", str(args.seed)]
+    own_data = uses_own_data(args)
+    if own_data and args.num_validation_samples is None:
+        args.num_validation_samples = USER_DATA_VALIDATION_SAMPLES
+    data = data_flags(args)
 
     text_dir, vae_dir, pipeline_dir = out / "text_encoder_stage", out / "vae_stage", out / "pipeline"
     eval_dir, samples_dir = out / "eval", out / "samples"
     stages = [
         ("text_encoder", text_dir / "tokenizer" / "tokenizer.json",
-         accelerate_launch("train_text_encoder.py") + ["--config", str(text_config), "--output_dir", str(text_dir)] + seed),
+         accelerate_launch("train_text_encoder.py") + ["--config", str(text_config), "--output_dir", str(text_dir)] + data + seed),
         ("vae", vae_dir / "vae" / "config.json",
-         accelerate_launch("train_vae.py") + ["--config", str(config_dir / "vae.json"), "--output_dir", str(vae_dir)] + seed),
+         accelerate_launch("train_vae.py") + ["--config", str(config_dir / "vae.json"), "--output_dir", str(vae_dir)] + data + seed),
         ("unet", pipeline_dir / "model_index.json",
          accelerate_launch("train_unet.py") + ["--config", str(config_dir / "unet.json"), "--text_encoder", str(text_dir),
-                                               "--vae", str(vae_dir), "--output_dir", str(pipeline_dir)] + seed),
+                                               "--vae", str(vae_dir), "--output_dir", str(pipeline_dir)] + data + seed),
     ]
     sampling = ["--scheduler", eval_config.get("scheduler", "dpm++"), "--steps", str(eval_config.get("steps", 25)),
                 "--guidance_scale", str(eval_config.get("guidance_scale", 4.0))]
-    stages.append(("evaluation", eval_dir / "report.json",
-                   [sys.executable, "-m", "ldm_pipeline.cli_eval", "--model", str(pipeline_dir), "--out", str(eval_dir),
-                    "--num_images", str(eval_config.get("num_images", 16))] + sampling + seed))
-    prompts = [arg for prompt in SAMPLE_PROMPTS for arg in ("--prompt", prompt)]
-    stages.append(("samples", samples_dir / "grid.png",
-                   [sys.executable, "-m", "ldm_pipeline.cli_generate", "--model", str(pipeline_dir), *prompts,
-                    "--num_images", "1", "--grid_scale", "4", "--out", str(samples_dir)] + sampling + seed))
+    evaluation = [sys.executable, "-m", "ldm_pipeline.cli_eval", "--model", str(pipeline_dir), "--out", str(eval_dir)]
+    if own_data:
+        evaluation += ["--text_stage", str(text_dir)] + data
+    else:
+        evaluation += ["--num_images", str(eval_config.get("num_images", 16))]
+    stages.append(("evaluation", eval_dir / "report.json", evaluation + sampling + seed))
+
+    def samples_command() -> list[str]:
+        prompts = user_sample_prompts(eval_dir) if own_data else SAMPLE_PROMPTS
+        return [sys.executable, "-m", "ldm_pipeline.cli_generate", "--model", str(pipeline_dir),
+                *[arg for prompt in prompts for arg in ("--prompt", prompt)],
+                "--num_images", "1", "--grid_scale", "4", "--out", str(samples_dir)] + sampling + seed
+
+    stages.append(("samples", samples_dir / "grid.png", samples_command))
 
     timings = {}
     for name, done_marker, command in stages:
         if args.skip_existing and done_marker.exists():
             print(f"[{name}] already done: {done_marker}")
             continue
-        timings[name] = run(command, logs / f"{name}.log")
+        timings[name] = run(command() if callable(command) else command, logs / f"{name}.log")
 
     summary = {
         "config_dir": str(config_dir),
+        "data": args.train_data_dir or args.dataset_name or "built-in shapes",
         "seconds_per_stage": {k: round(v, 1) for k, v in timings.items()},
         "total_minutes": round(sum(timings.values()) / 60, 2),
         "text_encoder": read_json(text_dir / "text_encoder_metrics.json"),
@@ -138,8 +191,33 @@ def main(argv=None) -> dict:
     return summary
 
 
+def user_data_summary(report: dict) -> list[str]:
+    """The summary lines of a ``ldm-eval --text_stage`` report: alignment, fidelity, memorization."""
+    alignment = report["alignment"]
+    lines = [f"Held-out captions: {report['num_images']} ({report['num_distinct_captions']} distinct), judged by "
+             "the text stage's towers.", "", "| images | cosine to caption | retrieval top-1 | top-5 |",
+             "|---|---:|---:|---:|"]
+    for name, label in (("generated", "generated"), ("real", "real held-out (ceiling)"),
+                        ("shuffled", "shuffled captions (floor)")):
+        lines.append(f"| {label} | {alignment[name]['cosine']:.3f} | {alignment[name]['top1']:.3f} | "
+                     f"{alignment[name]['top5']:.3f} |")
+    fidelity = report["fidelity"]
+    lines += ["", f"- image-tower FID {fidelity['fid']:.3f}, precision {fidelity['precision']:.3f}, "
+                  f"recall {fidelity['recall']:.3f} (k = {fidelity['k']})"]
+    memorization = report.get("memorization")
+    if memorization:
+        lines.append("- memorization: generations closer to a training image than the held-out "
+                     f"{memorization['percentile']:g}th percentile: pixels {memorization['pixels']['share_generated']:.3f}, "
+                     f"features {memorization['features']['share_generated']:.3f} (held-out: "
+                     f"{memorization['pixels']['share_heldout']:.3f}, {memorization['features']['share_heldout']:.3f})")
+    return lines
+
+
 def format_summary(summary: dict) -> str:
-    lines = ["# ldm-pipeline demo summary", "", "| stage | seconds |", "|---|---:|"]
+    lines = ["# ldm-pipeline demo summary", ""]
+    if summary.get("data", "built-in shapes") != "built-in shapes":
+        lines += [f"Data: {summary['data']}", ""]
+    lines += ["| stage | seconds |", "|---|---:|"]
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in summary["seconds_per_stage"].items()]
     lines += [f"| **total** | **{summary['total_minutes'] * 60:.0f}** ({summary['total_minutes']:.1f} min) |", ""]
     text = summary["text_encoder"]
@@ -151,7 +229,9 @@ def format_summary(summary: dict) -> str:
     if vae:
         lines.append(f"- VAE: held-out PSNR {vae.get('psnr', float('nan')):.2f} dB, SSIM {vae.get('ssim', float('nan')):.3f}")
     report = summary["evaluation"]
-    if report:
+    if report.get("alignment"):
+        lines += ["", *user_data_summary(report)]
+    elif report:
         scores = report.get("scores", {})
         lines += ["", "| category | score |", "|---|---:|"]
         lines += [f"| {name} | {value:.3f} |" for name, value in scores.items()]
@@ -166,4 +246,4 @@ def format_summary(summary: dict) -> str:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main()
+    run_cli(main, prog="run_demo.py")
