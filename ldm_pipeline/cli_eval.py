@@ -25,7 +25,7 @@ decoder, i.e. the ceiling that any U-Net on this VAE can reach). Writes ``OUT/re
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import sys
 import time
@@ -33,6 +33,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ldm_pipeline.config import data_config_from_args
 from ldm_pipeline.data import add_data_args, build_dataset
 from ldm_pipeline.data.shapes import CATEGORIES
 from ldm_pipeline.errors import run_cli
@@ -176,9 +177,8 @@ def check_args(args: argparse.Namespace) -> None:
 def load_split(args: argparse.Namespace, split: str):
     """The ``split`` of the data that the training data flags in ``args`` select, read deterministically
     (centre crop, no flip) at ``args.resolution``."""
-    data_args = copy.copy(args)
-    data_args.random_crop, data_args.random_flip, data_args.center_crop = None, None, True
-    return build_dataset(data_args, split=split)
+    data = dataclasses.replace(data_config_from_args(args), random_crop=False, random_flip=False, center_crop=True)
+    return build_dataset(data, split=split)
 
 
 def evaluate_user_data(args: argparse.Namespace) -> dict:

@@ -387,15 +387,17 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str) -> None:
-    """One flag per field of ``cls``, defaulting to "not given" (``argparse.SUPPRESS``) so that the config file
-    fills what the command line leaves out. Booleans work as switches (``--use_ema``) or with a value
-    (``--use_ema false``)."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str, with_defaults: bool = False) -> None:
+    """One flag per field of ``cls``. Unset flags are absent from the parsed namespace (so that a config file
+    fills what the command line leaves out), or hold the field's default with ``with_defaults``. Booleans work
+    as switches (``--use_ema``) or with a value (``--use_ema false``)."""
     group = parser.add_argument_group(title)
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
         base, _ = _unwrap_optional(hints[f.name])
-        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default) \
+            if with_defaults else argparse.SUPPRESS
+        kwargs: dict[str, Any] = dict(default=default, help=f.metadata.get("help", ""))
         if base is bool:
             kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
         elif typing.get_origin(base) is list:

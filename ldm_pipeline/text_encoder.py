@@ -275,6 +275,20 @@ class TextImageContrastiveModel(nn.Module):
         return self.encode_text(input_ids, attention_mask), self.encode_image(pixel_values), logit_scale
 
 
+TEXT_PROJECTION_FILE = "text_projection.safetensors"
+
+
+def save_text_projection(model: TextImageContrastiveModel, output_dir: str | os.PathLike) -> Path:
+    """Write ``model.text_projection.weight`` ([P, H]) to ``OUTPUT_DIR/text_projection.safetensors``, beside
+    ``text_encoder/`` and ``image_tower/``: with it the stage output is the whole image-text model (its
+    text-image similarity scores generated images in ``ldm-eval --text_stage``)."""
+    from safetensors.torch import save_file
+
+    path = Path(output_dir) / TEXT_PROJECTION_FILE
+    save_file({"weight": model.text_projection.weight.detach().cpu().contiguous()}, str(path))
+    return path
+
+
 def build_contrastive_model(model_config: dict, tokenizer: PreTrainedTokenizerBase) -> TextImageContrastiveModel:
     """Text encoder (``build_text_encoder``) + ``ImageTower(**model_config["image_tower"])`` joined in
     ``model_config["projection_dim"]`` dimensions."""

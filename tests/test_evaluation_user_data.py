@@ -19,6 +19,7 @@ from scipy.spatial.distance import cdist
 from ldm_pipeline.cli_eval import build_parser as eval_parser
 from ldm_pipeline.cli_eval import evaluate_command
 from ldm_pipeline.cli_eval import main as eval_main
+from ldm_pipeline.config import DataConfig
 from ldm_pipeline.data import build_dataset
 from ldm_pipeline.data.export import main as export_main
 from ldm_pipeline.evaluation.alignment import (
@@ -41,7 +42,7 @@ RESOLUTION = 32
 
 
 def shapes_split(split: str):
-    return build_dataset(argparse.Namespace(resolution=RESOLUTION, num_train_samples=512, num_validation_samples=48),
+    return build_dataset(DataConfig(resolution=RESOLUTION, num_train_samples=512, num_validation_samples=48),
                          split)
 
 
@@ -280,7 +281,7 @@ def test_ldm_eval_refits_a_missing_text_projection(tmp_path, text_stage_dir, use
         (stage / name).mkdir(parents=True)
         for file in (text_stage_dir / name).iterdir():
             (stage / name / file.name).write_bytes(file.read_bytes())
-    train = build_dataset(argparse.Namespace(resolution=16, train_data_dir=str(user_folder), num_validation_samples=8))
+    train = build_dataset(DataConfig(resolution=16, train_data_dir=str(user_folder), num_validation_samples=8))
     towers = load_stage_one_towers(stage, fit_dataset=train)
     assert "refit" in towers.projection_source and towers.text_projection.shape == (32, 32)
     with pytest.raises(FileNotFoundError, match=TEXT_PROJECTION_FILE):

@@ -3,7 +3,8 @@
     accelerate launch training/train_text_encoder.py --config configs/demo/text_encoder.json --output_dir OUT
         [--train_data_dir DIR | --dataset_name NAME] [--pretrained_text_encoder NAME_OR_PATH]
 
-Writes OUT/tokenizer, OUT/text_encoder (safetensors), OUT/image_tower (the training-only image side),
+Writes OUT/tokenizer, OUT/text_encoder (safetensors), OUT/image_tower and OUT/text_projection.safetensors (the
+image-text model's other parts, used by ldm-eval --text_stage),
 OUT/text_encoder_metrics.json (held-out text-to-image retrieval top-1/top-5), OUT/train_log.jsonl, tensorboard logs
 in OUT/logs and resumable states in OUT/checkpoints. With --pretrained_text_encoder nothing is trained: the named
 CLIP or T5 text encoder and its tokenizer are copied to OUT/text_encoder and OUT/tokenizer.
@@ -28,6 +29,7 @@ from ldm_pipeline.text_encoder import (
     evaluate_retrieval,
     load_pretrained_text_encoder,
     same_caption_matrix,
+    save_text_projection,
     train_tokenizer,
 )
 from ldm_pipeline.trainer import StageTrainer, check_writable
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         trained = trainer.accelerator.unwrap_model(model)
         trained.text_encoder.save_pretrained(trainer.output_dir / "text_encoder", safe_serialization=True)
         trained.image_tower.save_pretrained(trainer.output_dir / "image_tower", safe_serialization=True)
+        save_text_projection(trained, trainer.output_dir)
         metrics = validate()
         print(f"retrieval top1={metrics['top1']:.3f} top5={metrics['top5']:.3f} ({metrics['num_pairs']} held-out "
               f"pairs; chance top1={metrics['chance_top1']:.3f})", flush=True)

@@ -45,8 +45,9 @@ VALIDATION_SPLITS = ("validation", "test")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add one flag per ``DataConfig`` field (unset flags stay absent, so a config file can fill them)."""
-    add_dataclass_arguments(parser, DataConfig, "data")
+    """Add one flag per ``DataConfig`` field, with its default, to a command's parser; the parsed namespace
+    becomes a ``DataConfig`` with ``ldm_pipeline.config.data_config_from_args``."""
+    add_dataclass_arguments(parser, DataConfig, "data", with_defaults=True)
     return parser
 
 

@@ -27,20 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from ldm_pipeline.prompt_encoding import tokenize_prompts
-from ldm_pipeline.text_encoder import ImageTower, load_pretrained_text_encoder, pooled_text_features
+from ldm_pipeline.text_encoder import (
+    TEXT_PROJECTION_FILE,
+    ImageTower,
+    load_pretrained_text_encoder,
+    pooled_text_features,
+    save_text_projection,
+)
 
-TEXT_PROJECTION_FILE = "text_projection.safetensors"
 RIDGE = 1e-3
-
-
-def save_text_projection(model, output_dir: str | Path) -> Path:
-    """Write ``model.text_projection.weight`` ([P, H]) of a ``TextImageContrastiveModel`` to
-    ``OUTPUT_DIR/text_projection.safetensors``, beside ``text_encoder/`` and ``image_tower/``."""
-    from safetensors.torch import save_file
-
-    path = Path(output_dir) / TEXT_PROJECTION_FILE
-    save_file({"weight": model.text_projection.weight.detach().cpu().contiguous()}, str(path))
-    return path
 
 
 def fit_text_projection(pooled_text: torch.Tensor, image_embeds: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
