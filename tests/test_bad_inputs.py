@@ -364,12 +364,19 @@ def test_generate_unavailable_device_is_one_line(tmp_path, capsys, monkeypatch, 
     assert err.startswith(f"ldm-generate: error: --device {device}") and re.search(message, err)
 
 
-def test_generate_and_export_errors_are_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("model, scheduler, message", [(None, None, "holds no pipeline"),
+                                                       ("tiny", "x", "Unknown scheduler 'x': choose one of .*ddim")])
+def test_generate_errors_are_one_line_and_write_nothing(tiny_pipeline_dir, tmp_path, capsys, model, scheduler, message):
+    argv = ["--model", str(tiny_pipeline_dir if model else tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as exit_info:
-        generate_main(["--model", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "o"), "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert err.startswith("ldm-generate: error: ") and "holds no pipeline" in err
+        generate_main(argv + ["--device", "cpu"] + (["--scheduler", scheduler] if scheduler else []))
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # beside loading bars
+    assert exit_info.value.code == 2 and len(errors) == 1
+    assert errors[0].startswith("ldm-generate: error: ") and re.search(message, errors[0])
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_errors_are_one_line(tmp_path, capsys):
     export_main(["--out", str(tmp_path / "export"), "--num_samples", "2", "--resolution", "16"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
