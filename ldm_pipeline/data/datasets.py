@@ -227,8 +227,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.images, self.captions = images, captions
         self.rows = [row for row in rows if captions[row] is not None]
         if not self.rows:
-            raise ValueError(f"None of the {len(rows)} row(s) has a caption ({images.describe(rows[0])} is the "
-                             "first): fill in the caption column.")
+            first = f" ({images.describe(rows[0])} is the first)" if rows else ""
+            raise ValueError(f"None of the {len(rows)} row(s) has a caption{first}: fill in the caption column.")
         self.uncaptioned_rows = [images.describe(row) for row in uncaptioned]
         self.resolution, self.random_crop, self.random_flip = resolution, random_crop, random_flip
         self.skip_bad_images = skip_bad_images
