@@ -64,8 +64,8 @@ class DataConfig:
     random_crop: bool = option(False, "Random crop after resizing instead of a centre crop.")
     random_flip: bool = option(False, "Flip images horizontally at random. Off by default: it contradicts "
                                       "'left of' / 'right of' captions.")
-    skip_bad_images: bool = option(False, "Skip (and count) unreadable images instead of stopping with an error "
-                                          "that names the file.")
+    skip_bad_images: bool = option(False, "Skip bad rows instead of stopping: an unreadable image is replaced by "
+                                          "the next readable row (counted); a row without a caption is left out.")
     num_train_samples: int | None = option(None, "Size of the built-in shapes training set.", gt=0)
     num_validation_samples: int = option(200, "Size of the shapes validation set, or of the held-out slice of "
                                               "user data.", gt=0)

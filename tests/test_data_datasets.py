@@ -1,8 +1,9 @@
-"""Training data: shapes items, preprocessing, user folders (corrupt files, columns), export round trip, fingerprints."""
+"""Training data: shapes items, preprocessing, user folders (corrupt files, columns), export round trip, fingerprints.
+
+The bad inputs defended against (16-bit, EXIF, transparency, metadata errors, ...) are in test_bad_inputs.py."""
 
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from ldm_pipeline.data import (
     preprocess_image,
 )
 from ldm_pipeline.config import DataConfig, data_config_from_argv
-from ldm_pipeline.data.export import main as export_main
+from ldm_pipeline.data.export import export_main
 
 
 def data_args(*argv):
@@ -128,22 +129,22 @@ def test_user_folder_loads_and_holds_out_validation(tmp_path):
     assert len(build_dataset(csv_args)) == 3
 
 
-@pytest.mark.filterwarnings("ignore:Skipped")
-def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
+def test_corrupt_image_is_named_when_read_or_skipped_and_counted(tmp_path):
     root = write_folder(tmp_path / "folder", num_images=8, corrupt=(2, 6))
     args = data_args("--resolution", "16", "--train_data_dir", str(root), "--num_validation_samples", "2")
-    for split in ("train", "validation"):
-        with pytest.raises(ValueError, match=r"img_[26]\.png.*--skip_bad_images"):
-            build_dataset(args, split)  # the seeded held-out slice of 8 is rows {2, 4}: one bad file per split
+    for split in ("train", "validation"):  # the seeded held-out slice of 8 is rows {2, 4}: one bad file per split
+        dataset = build_dataset(args, split)
+        with pytest.raises(ValueError, match=r"img_[26]\.png \(.*metadata\.jsonl line [37]\).*--skip_bad_images"):
+            [dataset[i] for i in range(len(dataset))]
     args.skip_bad_images = True
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        sizes = len(build_dataset(args, "train")) + len(build_dataset(args, "validation"))
-    assert sizes == 6
-    messages = " ".join(str(w.message) for w in caught)
-    assert "Skipped" in messages and "img_2.png" in messages and "img_6.png" in messages
-    loader = torch.utils.data.DataLoader(build_dataset(args, "train"), batch_size=2, collate_fn=collate_examples)
-    assert sum(len(batch["captions"]) for batch in loader) == len(build_dataset(args, "train"))
+    train, validation = build_dataset(args, "train"), build_dataset(args, "validation")
+    assert (len(train), len(validation)) == (6, 2)
+    loader = torch.utils.data.DataLoader(train, batch_size=2, collate_fn=collate_examples)
+    assert [len(batch["captions"]) for batch in loader] == [2, 2, 2]
+    [validation[i] for i in range(2)]
+    assert (train.skipped_images, validation.skipped_images) == (1, 1)
+    assert "img_6.png" in train.skipped_summary() and "img_2.png" in validation.skipped_summary()
+    assert "caption 6" not in [train[i]["caption"] for i in range(6)]
 
 
 def test_missing_column_error_names_column_and_columns(tmp_path):

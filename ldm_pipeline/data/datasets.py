@@ -11,10 +11,16 @@ Sources (first that applies):
 The validation split of user data is the dataset's own "validation" (else "test") split, else a held-out slice
 of ``num_validation_samples`` items chosen with ``data_seed`` (the training split is the rest).
 
-Items are ``{"pixel_values": FloatTensor[3, H, W] in [-1, 1], "caption": str, "index": int}``; images are resized
-so that the shorter side is ``resolution`` (bicubic) and then centre-cropped (or randomly with --random_crop).
-Images of user data are checked (opened and verified) up front in the main process, so an unreadable file is a
-clear error naming it (or, with --skip_bad_images, skipped and counted) rather than a crash inside a worker.
+Items are ``{"pixel_values": FloatTensor[3, H, W] in [-1, 1], "caption": str, "index": int}``. Images are read as
+a viewer shows them (`to_rgb`: EXIF orientation, 16-bit grey scaled to 8 bits, transparency on white), then the
+square that resizing the shorter side to ``resolution`` and centre-cropping (or cropping at random with
+--random_crop) would keep is resized (bicubic; `preprocess_image`).
+
+User data is not opened up front: an unreadable image is found when its item is read and stops the run with an
+error naming the file and metadata row, or with --skip_bad_images is replaced by the next readable row and
+counted (`ImageCaptionDataset`). Metadata that cannot be read (not UTF-8, a line that is not a JSON object, a
+row without a file name) is an error naming the file and line; a row without a caption is an error naming it,
+or left out with --skip_bad_images.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from ldm_pipeline.config import DataConfig, add_dataclass_arguments, config_hash
 
@@ -42,6 +48,9 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 VALIDATION_SPLITS = ("validation", "test")
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+PREPROCESSING_VERSION = 2  # part of the data fingerprint: caches of user data made before it are recomputed
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -58,34 +67,80 @@ def _check_split(split: str) -> None:
 
 # --------------------------------------------------------------------------------------------- preprocessing
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB as a viewer shows it; the input image is not changed.
+
+    - EXIF orientation is applied (`PIL.ImageOps.exif_transpose`): a photo taken sideways trains upright.
+    - 16-bit and 32-bit grey levels are scaled to 8 bits (`to_8_bit`), not clipped.
+    - Transparent pixels (RGBA, LA, P or L/RGB with a transparent colour) are composited on white:
+      ``c' = a c + (1 - a) 255`` with alpha ``a`` in [0, 1] (Porter & Duff, 1984, "over").
+    """
+    if image.getexif().get(ExifTags.Base.Orientation, 1) not in (None, 1):
+        image = ImageOps.exif_transpose(image)
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        image = to_8_bit(image)
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """A grey image of 16 or 32 bits -> mode "L" with ``round(v * 255 / v_max)``.
+
+    ``v_max`` is 65535 for the integer modes (``I;16*``: 16-bit PNG and TIFF; ``I``: 16-bit PNG in older Pillow)
+    and 1 for floating point (``F``). Values outside ``[0, v_max]`` have no agreed meaning: ValueError.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    v_max = 1.0 if image.mode == "F" else 65535.0
+    if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= v_max):
+        raise ValueError(f"its {image.mode!r} grey levels span [{values.min():g}, {values.max():g}], outside "
+                         f"[0, {v_max:g}]; save it as an 8-bit or 16-bit image")
+    return Image.fromarray(np.rint(values * (255.0 / v_max)).astype(np.uint8), mode="L")
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> FloatTensor[3, H, W] with ``x / 127.5 - 1`` in [-1, 1]."""
-    array = np.array(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.uint8)
+    """PIL image -> FloatTensor[3, H, W] with ``x / 127.5 - 1`` in [-1, 1] (non-RGB images through `to_rgb`)."""
+    array = np.array(to_rgb(image) if image.mode != "RGB" else image, dtype=np.uint8)  # [H, W, 3]
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def crop_box(width: int, height: int, resolution: int, random_crop: bool = False) -> tuple[float, ...]:
+    """The region ``(left, top, right, bottom)`` of a ``width`` x ``height`` image that becomes the training image.
+
+    It is the square that resizing the shorter side to ``resolution`` and then cropping ``resolution`` x
+    ``resolution`` (centred, or at a random offset) would keep, in the original image's coordinates: the resized
+    size is ``(W, H) = (max(r, round(w s)), max(r, round(h s)))`` with ``s = r / min(w, h)``, the offset
+    ``(x, y)`` is drawn in ``[0, W - r] x [0, H - r]`` (or centred) and the box is ``(x w / W, y h / H,
+    (x + r) w / W, (y + r) h / H)``. Resizing only this box gives the same pixels (to rounding) without ever
+    holding the resized full image, whatever the aspect ratio.
+    """
+    scale = resolution / min(width, height)
+    resized_width, resized_height = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if random_crop:
+        left = int(torch.randint(0, resized_width - resolution + 1, ()).item())
+        top = int(torch.randint(0, resized_height - resolution + 1, ()).item())
+    else:
+        left, top = (resized_width - resolution) // 2, (resized_height - resolution) // 2
+    x_scale, y_scale = width / resized_width, height / resized_height
+    return (left * x_scale, top * y_scale, (left + resolution) * x_scale, (top + resolution) * y_scale)
 
 
 def preprocess_image(image: Image.Image, resolution: int, random_crop: bool = False,
                      random_flip: bool = False) -> torch.Tensor:
-    """Resize the shorter side to ``resolution`` (bicubic), crop a square (centre or random), optionally flip.
+    """`to_rgb`, then the ``resolution`` x ``resolution`` square of `crop_box` resized (bicubic), optionally flipped.
 
-    Randomness (crop offset, flip) comes from torch's global generator, seeded per DataLoader worker.
-    Flipping is off by default because the mirror image of "a cat left of a tree" is "a cat right of a tree".
+    The result is that of resizing the shorter side to ``resolution`` and cropping, but only the kept square is
+    resampled, so a 1 x 100000 image costs no more than a square one. Randomness (crop offset, flip) comes from
+    torch's global generator, seeded per DataLoader worker. Flipping is off by default because the mirror image
+    of "a cat left of a tree" is "a cat right of a tree".
     """
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    width, height = image.size
-    if min(width, height) != resolution:
-        scale = resolution / min(width, height)
-        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        width, height = size
-    if (width, height) != (resolution, resolution):
-        if random_crop:
-            left = int(torch.randint(0, width - resolution + 1, ()).item())
-            top = int(torch.randint(0, height - resolution + 1, ()).item())
-        else:
-            left, top = (width - resolution) // 2, (height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
+    image = to_rgb(image)
+    box = crop_box(*image.size, resolution, random_crop)
+    if box[2] - box[0] == resolution and box[3] - box[1] == resolution:
+        image = image.crop(tuple(round(edge) for edge in box))
+    else:
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box)
     pixels = image_to_tensor(image)
     if random_flip and torch.rand(()) < 0.5:
         pixels = pixels.flip(-1)
@@ -126,40 +181,102 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     """User data: item ``i`` is the image ``images.get(rows[i])`` captioned ``captions[rows[i]]``.
 
     ``images`` is a `_FolderImages` or `_ColumnImages`: images are read on access, nothing is held in memory.
+    Nothing is opened up front: a bad image is found where it is decoded, in ``__getitem__``. Without
+    ``skip_bad_images`` it stops the run with a ValueError naming the file and row. With it, the item is that of
+    the next readable row (in ``rows`` order, wrapping around): a replacement that depends on the files alone, so
+    batches keep their size and a resumed run draws the same items. Rows without a caption (missing or null)
+    are an error naming the row, or with ``skip_bad_images`` are left out up front.
+
+    Counting: ``skipped_images`` is the number of distinct rows found unreadable so far. The flags live in a
+    shared-memory tensor, so DataLoader workers (forked or spawned) mark them for the main process to count; in a
+    multi-process (distributed) run every process counts the rows its own items reached. `skipped_summary`
+    gives the line a training script prints at the end.
     """
 
-    def __init__(self, images, captions: list[str], rows: list[int], resolution: int,
-                 random_crop: bool = False, random_flip: bool = False):
-        self.images, self.captions, self.rows = images, captions, rows
+    def __init__(self, images, captions: list[str | None], rows: list[int], resolution: int,
+                 random_crop: bool = False, random_flip: bool = False, skip_bad_images: bool = False):
+        uncaptioned = [row for row in rows if captions[row] is None]
+        if uncaptioned and not skip_bad_images:
+            raise ValueError(f"{images.describe(uncaptioned[0])} has no caption (its caption column is missing or "
+                             f"null; {len(uncaptioned)} row(s) like it). Add the caption or delete the row, or pass "
+                             "--skip_bad_images to leave such rows out.")
+        self.images, self.captions = images, captions
+        self.rows = [row for row in rows if captions[row] is not None]
+        if not self.rows:
+            first = f" ({images.describe(rows[0])} is the first)" if rows else ""
+            raise ValueError(f"None of the {len(rows)} row(s) has a caption{first}: fill in the caption column.")
+        self.uncaptioned_rows = [images.describe(row) for row in uncaptioned]
         self.resolution, self.random_crop, self.random_flip = resolution, random_crop, random_flip
+        self.skip_bad_images = skip_bad_images
+        self.unreadable = torch.zeros(len(self.rows), dtype=torch.uint8).share_memory_()  # 1: row found unreadable
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        row = self.rows[index]
-        source, name = self.images.get(row)
+        for offset in range(len(self.rows)):
+            position = (index + offset) % len(self.rows)
+            if self.unreadable[position]:
+                continue
+            row = self.rows[position]
+            name = self.images.describe(row)
+            try:
+                source, name = self.images.get(row)
+                pixels = preprocess_image(_open_image(source, name), self.resolution, self.random_crop,
+                                          self.random_flip)
+            except Exception as error:  # any failure to decode one user file is that file's fault
+                if not self.skip_bad_images:
+                    raise ValueError(f"Cannot read image {name}: {error}. Fix or remove the file, or pass "
+                                     "--skip_bad_images to skip unreadable images.") from error
+                self.unreadable[position] = 1
+                logger.warning("Skipping unreadable image %s (--skip_bad_images): %s", name, error)
+                continue
+            return {"pixel_values": pixels, "caption": self.captions[row], "index": index}
+        raise ValueError(f"None of the {len(self.rows)} images is readable (the first is "
+                         f"{self._name(self.rows[0])}); check the image files.")
+
+    @property
+    def skipped_images(self) -> int:
+        """How many distinct rows' images were found unreadable and replaced so far."""
+        return int(self.unreadable.sum())
+
+    def skipped_image_names(self) -> list[str]:
+        return [self._name(self.rows[position]) for position in self.unreadable.nonzero().flatten().tolist()]
+
+    def _name(self, row: int) -> str:
         try:
-            image = _open_image(source)
-            image.load()
-        except Exception as error:
-            raise ValueError(f"Cannot read image {name}: {error}. Fix or remove the file, or pass "
-                             "--skip_bad_images.") from error
-        pixels = preprocess_image(image, self.resolution, self.random_crop, self.random_flip)
-        return {"pixel_values": pixels, "caption": self.captions[row], "index": index}
+            return self.images.get(row)[1]
+        except ValueError:
+            return self.images.describe(row)
+
+    def skipped_summary(self) -> str | None:
+        """One line on what --skip_bad_images left out (None when nothing was), for the end of a run."""
+        parts = []
+        if self.skipped_images:
+            names = self.skipped_image_names()
+            parts.append(f"{len(names)} unreadable image(s) replaced by the next readable row: "
+                         f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+        if self.uncaptioned_rows:
+            rows = self.uncaptioned_rows
+            parts.append(f"{len(rows)} row(s) without a caption left out: "
+                         f"{', '.join(rows[:5])}{' ...' if len(rows) > 5 else ''}")
+        return f"Skipped (--skip_bad_images) {'; '.join(parts)}." if parts else None
 
 
 class _FolderImages:
-    """Image files of an imagefolder, by row."""
+    """Image files of an imagefolder, by row; ``locations[row]`` is its metadata line ("DIR/metadata.jsonl line 3")."""
 
-    def __init__(self, paths: list[str]):
-        self.paths = paths
+    def __init__(self, paths: list[str], locations: list[str]):
+        self.paths, self.locations = paths, locations
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def describe(self, row: int) -> str:
+        return self.locations[row]
+
     def get(self, row: int):
-        return self.paths[row], self.paths[row]
+        return self.paths[row], f"{self.paths[row]} ({self.locations[row]})"
 
 
 class _ColumnImages:
@@ -176,17 +293,31 @@ class _ColumnImages:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def describe(self, row: int) -> str:
+        return f"{self.where}, row {row}"
+
     def get(self, row: int):
         source, name = _image_source(self.dataset[row][self.column], self.base_dir)
-        return source, f"{name} ({self.where}, row {row})"
+        return source, f"{name} ({self.describe(row)})"
 
 
-def _open_image(source) -> Image.Image:
+def _open_image(source, name: str = "image") -> Image.Image:
+    """A PIL image from a `_image_source` source (a path, bytes or an image), fully decoded.
+
+    Files larger than ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow's decompression-bomb guard) are a ValueError, also
+    between one and two times the limit, where Pillow only warns.
+    """
     if isinstance(source, Image.Image):
         return source
-    if isinstance(source, (bytes, bytearray)):
-        return Image.open(io.BytesIO(source))
-    return Image.open(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+            raise ValueError(f"{name} has more pixels than PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} "
+                             f"(a guard against decompression bombs: {error}); downscale it") from None
+    image.load()
+    return image
 
 
 def _image_source(value, base_dir: Path | None):
@@ -205,31 +336,6 @@ def _image_source(value, base_dir: Path | None):
     raise ValueError(f"Unsupported image value of type {type(value).__name__}; expected an image, bytes or a path.")
 
 
-def _verify_images(images, rows: list[int], skip_bad_images: bool) -> list[int]:
-    """The rows whose image opens and verifies. Unreadable: ValueError naming it, or skipped with a warning."""
-    good, bad = [], []
-    for i in rows:
-        source, name = images.get(i)
-        try:
-            if isinstance(source, Image.Image):
-                good.append(i)
-                continue
-            with _open_image(source) as image:
-                image.verify()
-        except Exception as error:
-            if not skip_bad_images:
-                raise ValueError(f"Cannot read image {name}: {error}. Fix or remove the file, or pass "
-                                 "--skip_bad_images to skip unreadable images.") from error
-            bad.append(name)
-            continue
-        good.append(i)
-    if bad:
-        message = f"Skipped {len(bad)} unreadable image(s) (--skip_bad_images): {', '.join(bad[:5])}"
-        warnings.warn(message + (" ..." if len(bad) > 5 else ""), stacklevel=3)
-        logger.warning(message)
-    return good
-
-
 def _check_columns(columns: list[str], image_column: str, caption_column: str, where: str) -> None:
     for role, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in columns:
@@ -237,30 +343,92 @@ def _check_columns(columns: list[str], image_column: str, caption_column: str, w
                              f"Pass {role} with one of them.")
 
 
-def _read_metadata(folder: Path) -> list[dict]:
+def _caption(value, where: str) -> str | None:
+    """A caption cell -> str, None when missing or null (left to the dataset: error or --skip_bad_images)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{where}: the caption is a {type(value).__name__} ({str(value)[:60]}); a caption must be "
+                     "one string. Keep one caption per row.")
+
+
+def _read_text(path: Path) -> str:
+    """The text of a UTF-8 file (a byte-order mark, as Excel writes, is dropped); other encodings: ValueError."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line} is not UTF-8 (byte 0x{data[error.start]:02x}): save it as UTF-8 "
+                         "(in Excel: Save As 'CSV UTF-8'), e.g. iconv -f latin1 -t utf-8.") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    records = []
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number} is not valid JSON ({error.msg} at column {error.colno}): each "
+                             'line must be one JSON object, e.g. {"file_name": "a.png", "text": "a cat"}.') from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {number} is a JSON {type(record).__name__}, not an object: each line "
+                             'must be one JSON object, e.g. {"file_name": "a.png", "text": "a cat"}.')
+        records.append((number, record))
+    return records
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    records = []
+    try:
+        for record in reader:
+            if None in record:
+                raise ValueError(f"{path} line {reader.line_num} has {len(reader.fieldnames) + len(record[None])} "
+                                 f"fields but the header has {len(reader.fieldnames)}: put values that contain "
+                                 'commas in double quotes ("a cat, a dog").')
+            records.append((reader.line_num, record))
+    except csv.Error as error:
+        raise ValueError(f"{path} line {reader.line_num} is not valid CSV ({error}).") from None
+    return records
+
+
+def _read_metadata(folder: Path) -> tuple[Path, list[tuple[int, dict]]]:
+    """(metadata path, [(line number, row)]) of an imagefolder; a row that cannot be read: ValueError naming it."""
     for name in METADATA_FILES:
         path = folder / name
         if path.is_file():
-            if name.endswith(".jsonl"):
-                with open(path, encoding="utf-8") as f:
-                    return [json.loads(line) for line in f if line.strip()]
-            with open(path, encoding="utf-8", newline="") as f:
-                return list(csv.DictReader(f))
+            records = _read_jsonl(path) if name.endswith(".jsonl") else _read_csv(path)
+            if not records:
+                raise ValueError(f"{path} has no rows: add one per image with its 'file_name' and caption.")
+            return path, records
     raise FileNotFoundError(f"No metadata.jsonl or metadata.csv in {folder}: an imagefolder needs one with a "
                             "'file_name' column and a caption column.")
 
 
 def _imagefolder_records(folder: Path, image_column: str, caption_column: str):
-    """(paths, captions) of an imagefolder. Its image column is ``file_name`` (called "image", as in
-    ``datasets``' imagefolder), or ``image_column`` when the metadata has a column of that name."""
-    rows = _read_metadata(folder)
-    columns = list(rows[0].keys()) if rows else []
+    """(`_FolderImages`, captions) of an imagefolder. Its image column is ``file_name`` (called "image", as in
+    ``datasets``' imagefolder), or ``image_column`` when the metadata has a column of that name. A caption is
+    None where the row has none (missing or null); a row without a file name is a ValueError naming its line."""
+    path, records = _read_metadata(folder)
+    columns = list(dict.fromkeys(key for _, record in records for key in record))
     path_column = image_column if image_column in columns else "file_name"
     visible = columns + (["image"] if "file_name" in columns else [])
-    _check_columns(visible, image_column, caption_column, f"{folder}/metadata")
-    paths = [str(folder / row[path_column]) for row in rows]
-    captions = [str(row[caption_column]) for row in rows]
-    return paths, captions
+    _check_columns(visible, image_column, caption_column, str(path))
+    paths, captions, locations = [], [], []
+    for number, record in records:
+        where = f"{path} line {number}"
+        file_name = record.get(path_column)
+        if not isinstance(file_name, str) or not file_name.strip():
+            raise ValueError(f"{where} has no {path_column!r} (the image file, relative to {folder}): add it or "
+                             "delete the line.")
+        paths.append(str(folder / file_name))
+        captions.append(_caption(record.get(caption_column), where))
+        locations.append(where)
+    return _FolderImages(paths, locations), captions
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
@@ -304,7 +472,8 @@ def _load_hf_dataset(data: DataConfig):
 
 def _column_records(dataset, image_column: str, caption_column: str, where: str, base_dir: Path | None):
     _check_columns(dataset.column_names, image_column, caption_column, where)
-    return _ColumnImages(dataset, image_column, base_dir, where), [str(c) for c in dataset[caption_column]]
+    captions = [_caption(value, f"{where}, row {row}") for row, value in enumerate(dataset[caption_column])]
+    return _ColumnImages(dataset, image_column, base_dir, where), captions
 
 
 def _is_imagefolder(root: Path) -> bool:
@@ -323,8 +492,8 @@ def _user_records(data: DataConfig, split: str):
         folders = _split_folders(root)
         held_out = "validation" not in folders
         folder = folders["train" if held_out else split]
-        paths, captions = _imagefolder_records(folder, image_column, caption_column)
-        return _FolderImages(paths), captions, held_out
+        images, captions = _imagefolder_records(folder, image_column, caption_column)
+        return images, captions, held_out
     loaded = _load_hf_dataset(data)
     own_validation = next((name for name in VALIDATION_SPLITS if name in loaded), None)
     train_name = "train" if "train" in loaded else next(name for name in loaded if name not in VALIDATION_SPLITS)
@@ -369,10 +538,10 @@ def build_dataset(data: DataConfig, split: str = "train") -> torch.utils.data.Da
         rows = [i for i in rows if (i in validation) == (split == "validation")]
     if split == "train" and max_train is not None:
         rows = rows[:max_train]
-    rows = _verify_images(images, rows, data.skip_bad_images)
     if not rows:
-        raise ValueError(f"The {split} split of {data.source} has no readable images.")
-    return ImageCaptionDataset(images, captions, rows, data.resolution, data.random_crop, data.random_flip)
+        raise ValueError(f"The {split} split of {data.source} has no images.")
+    return ImageCaptionDataset(images, captions, rows, data.resolution, data.random_crop, data.random_flip,
+                               skip_bad_images=data.skip_bad_images)
 
 
 # --------------------------------------------------------------------------------------------- fingerprint
@@ -397,8 +566,9 @@ def dataset_fingerprint(data: DataConfig, split: str = "train") -> str:
         payload.update(source="shapes", version=shapes.GENERATOR_VERSION, code=_file_digest(shapes.__file__),
                        num_samples=data.num_train_samples if split == "train" else data.num_validation_samples)
         return config_hash(payload)
-    payload.update(image_column=data.image_column, caption_column=data.caption_column,
-                   num_validation_samples=data.num_validation_samples, skip_bad_images=data.skip_bad_images)
+    payload.update(preprocessing=PREPROCESSING_VERSION, image_column=data.image_column,
+                   caption_column=data.caption_column, num_validation_samples=data.num_validation_samples,
+                   skip_bad_images=data.skip_bad_images)
     if data.dataset_name is None:
         root = Path(data.train_data_dir)
         files = sorted(p for p in root.rglob("*") if p.is_file())

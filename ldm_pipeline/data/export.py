@@ -15,6 +15,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from ..errors import run_cli
 from .shapes import CATEGORIES, SPLITS, ShapesDataset
 
 
@@ -42,8 +43,10 @@ def export_shapes(out: str | os.PathLike, num_samples: int, resolution: int, see
     return metadata_path
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Export the built-in shapes dataset as an imagefolder.")
+def export_main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` and export; errors are ordinary exceptions (`main` turns them into one line)."""
+    parser = argparse.ArgumentParser(prog="ldm-export-shapes",
+                                     description="Export the built-in shapes dataset as an imagefolder.")
     parser.add_argument("--out", required=True, help="Output folder (images/ and metadata.jsonl are written in it).")
     parser.add_argument("--num_samples", type=int, required=True)
     parser.add_argument("--resolution", type=int, default=64)
@@ -56,9 +59,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         parser.error(f"--num_samples must be >= 1 (got {args.num_samples}).")
+    if args.resolution < 1:
+        parser.error(f"--resolution must be >= 1 (got {args.resolution}).")
     path = export_shapes(args.out, args.num_samples, args.resolution, args.seed, args.split, args.categories,
                          args.overwrite)
     print(f"Wrote {args.num_samples} images and {path}; train on it with --train_data_dir {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: `export_main` through `ldm_pipeline.errors.run_cli` (one line per error)."""
+    run_cli(export_main, argv, prog="ldm-export-shapes")
 
 
 if __name__ == "__main__":
