@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -203,7 +204,7 @@ def warn_if_clipping_latents(scheduler: SchedulerMixin) -> None:
         )
 
 
-class LatentDiffusionPipeline(DiffusionPipeline):
+class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
     r"""Text-to-image latent diffusion (Rombach et al. 2022) with classifier-free guidance.
 
     Args:
