@@ -28,7 +28,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ldm_pipeline.data.shapes import CATEGORIES
 from ldm_pipeline.evaluation.classifier import WEIGHTS_DIR, load_object_classifier
-from ldm_pipeline.evaluation.fid import frechet_distance_of_features, inception_fid_unavailable_reason
+from ldm_pipeline.evaluation.fid import (
+    INCEPTION_FID_NOT_REQUESTED,
+    frechet_distance_of_features,
+    inception_fid,
+    load_fid_inception,
+)
 from ldm_pipeline.evaluation.scoring import (
     GenEvalScorer,
     Judgement,
@@ -62,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
     parser.add_argument("--classifier", default=None, help=f"Object classifier directory (default: {WEIGHTS_DIR}).")
     parser.add_argument("--inception_weights", default=None,
-                        help="Local Inception weights for the standard FID (never downloaded).")
+                        help="Local FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a "
+                             "safetensors copy) for the standard Inception FID; never downloaded.")
     parser.add_argument("--grid_images", type=int, default=16, help="Images per category shown in each grid.")
     return parser
 
@@ -196,6 +202,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.batch_size <= 0:
         raise SystemExit(f"ldm-eval: --batch_size must be positive, got {args.batch_size}.")
     try:
+        inception = load_fid_inception(args.inception_weights, args.device) if args.inception_weights else None
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"ldm-eval: {error}") from error
+    try:
         classifier = load_object_classifier(args.classifier)
     except FileNotFoundError as error:
         raise SystemExit(f"ldm-eval: {error}") from error
@@ -231,8 +241,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         "classifier_num_objects": num_objects,
         "classifier_heldout_accuracy": heldout,
         "fid": fid,
-        "inception_fid": None,
-        "inception_fid_note": inception_fid_unavailable_reason(args.inception_weights),
+        "inception_fid": inception_fid(inception, images, reference) if inception is not None else None,
+        "inception_fid_note": f"FID Inception-v3 pool features, {args.inception_weights}" if inception is not None
+        else INCEPTION_FID_NOT_REQUESTED,
         "num_images": len(images),
         "num_images_per_category": {c: sum(p.category == c for p in prompt_set) for c in CATEGORIES},
         "model": ("real renders (--real)" if args.real
