@@ -39,7 +39,12 @@ from ldm_pipeline.data.shapes import CATEGORIES
 from ldm_pipeline.errors import run_cli
 from ldm_pipeline.evaluation.classifier import WEIGHTS_DIR, load_object_classifier
 from ldm_pipeline.evaluation.feature_metrics import DEFAULT_K
-from ldm_pipeline.evaluation.fid import frechet_distance_of_features, inception_fid_unavailable_reason
+from ldm_pipeline.evaluation.fid import (
+    INCEPTION_FID_NOT_REQUESTED,
+    frechet_distance_of_features,
+    inception_fid,
+    load_fid_inception,
+)
 from ldm_pipeline.evaluation.images import labelled_grid, sample_images, to_pil_images
 from ldm_pipeline.evaluation.memorization import DEFAULT_PERCENTILE
 from ldm_pipeline.evaluation.scoring import (
@@ -73,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
     parser.add_argument("--classifier", default=None, help=f"Object classifier directory (default: {WEIGHTS_DIR}).")
     parser.add_argument("--inception_weights", default=None,
-                        help="Local Inception weights for the standard FID (never downloaded).")
+                        help="Local FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a "
+                             "safetensors copy) for the standard Inception FID; never downloaded.")
     parser.add_argument("--grid_images", type=int, default=16, help="Images per category shown in each grid.")
     user = parser.add_argument_group("evaluation on your own data (with --model)")
     user.add_argument("--text_stage", default=None,
@@ -197,8 +203,10 @@ def evaluate_user_data(args: argparse.Namespace) -> dict:
         k=args.knn_k, percentile=args.memorization_percentile, max_train_images=args.max_train_images,
         grid_images=args.grid_images, model_name=str(args.model), report_fields={
             "unet": args.unet, "text_stage": str(args.text_stage),
-            "data": args.train_data_dir or args.dataset_name or "built-in shapes", "inception_fid": None,
-            "inception_fid_note": inception_fid_unavailable_reason(args.inception_weights)},
+            "data": args.train_data_dir or args.dataset_name or "built-in shapes",
+            "inception_fid_note": f"FID Inception-v3 pool features, {args.inception_weights}"
+            if args.inception_weights else INCEPTION_FID_NOT_REQUESTED},
+        inception=load_fid_inception(args.inception_weights, args.device) if args.inception_weights else None,
     )
 
 
@@ -215,6 +223,7 @@ def evaluate_shapes(args: argparse.Namespace) -> dict:
     """Generate (or render), score, measure FID and write the outputs; returns the report."""
     if args.num_images is None:
         args.num_images = SHAPES_NUM_IMAGES
+    inception = load_fid_inception(args.inception_weights, args.device) if args.inception_weights else None
     scorer = GenEvalScorer(load_object_classifier(args.classifier))
     prompt_set = make_prompt_set(args.num_images, args.seed)
     captions = [p.prompt for p in prompt_set]
@@ -247,8 +256,9 @@ def evaluate_shapes(args: argparse.Namespace) -> dict:
         "classifier_num_objects": num_objects,
         "classifier_heldout_accuracy": heldout,
         "fid": fid,
-        "inception_fid": None,
-        "inception_fid_note": inception_fid_unavailable_reason(args.inception_weights),
+        "inception_fid": inception_fid(inception, images, reference) if inception is not None else None,
+        "inception_fid_note": f"FID Inception-v3 pool features, {args.inception_weights}" if inception is not None
+        else INCEPTION_FID_NOT_REQUESTED,
         "num_images": len(images),
         "num_images_per_category": {c: sum(p.category == c for p in prompt_set) for c in CATEGORIES},
         "model": ("real renders (--real)" if args.real

@@ -20,6 +20,7 @@ With CLIP components and the same scheduler and generator the result equals Diff
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import json
 import logging
@@ -29,11 +30,13 @@ from typing import Any, Callable
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import is_xformers_available
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors import safe_open
 from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel
 
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
@@ -43,12 +46,136 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MODEL_INDEX = "model_index.json"
-CLASS_FILE = "pipeline_latent_diffusion"
-CLASS_FILE_SOURCE = '''"""Lets ``DiffusionPipeline.from_pretrained(this_directory, trust_remote_code=True)`` find the pipeline
-class; the class itself lives in the installed ``ldm_pipeline`` package."""
+COMPONENT_NAMES = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+COMPONENT_BASES = {
+    "diffusers": ("ModelMixin", "SchedulerMixin"),
+    "transformers": ("PreTrainedModel", "PreTrainedTokenizerBase"),
+}
+DEFAULT_VAE_SCALE_FACTOR = 8  # StableDiffusionPipeline's factor when it has no VAE
+WEIGHTS_SUFFIX = ".safetensors"
 
-from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline  # noqa: F401
-'''
+
+def vae_scale_factor_of(vae) -> int:
+    """``2 ** (len(vae.config.block_out_channels) - 1)``, the VAE's downsampling factor; 8 without a VAE."""
+    if vae is None:
+        return DEFAULT_VAE_SCALE_FACTOR
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def text_encoder_width(text_encoder) -> int | None:
+    """The width ``D`` of the encoder's ``last_hidden_state`` (CLIP ``hidden_size``, T5 ``d_model``)."""
+    config = text_encoder.config
+    return getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+
+
+def check_components_fit(vae, text_encoder, tokenizer, unet) -> None:
+    """Raise ``ValueError`` when the stages cannot work together: the VAE's ``latent_channels`` must be the U-Net's
+    ``in_channels``, the text encoder's width its ``cross_attention_dim``, and every token id of the tokenizer an
+    entry of the encoder's embedding table. Components that are None are not checked."""
+    if vae is not None and unet is not None:
+        latent_channels = getattr(vae.config, "latent_channels", None)
+        if latent_channels is not None and latent_channels != unet.config.in_channels:
+            raise ValueError(
+                f"The VAE (vae/config.json) has latent_channels={latent_channels} but the U-Net "
+                f"(unet/config.json) takes in_channels={unet.config.in_channels}: use the VAE the U-Net stage was "
+                "trained on (train_unet.py --vae), or train the U-Net on this VAE."
+            )
+    if text_encoder is not None and unet is not None:
+        width = text_encoder_width(text_encoder)
+        cross_attention_dim = unet.config.cross_attention_dim
+        dims = set(cross_attention_dim) if isinstance(cross_attention_dim, (list, tuple)) else {cross_attention_dim}
+        if width is not None and dims != {width}:
+            raise ValueError(
+                f"The text encoder (text_encoder/config.json) gives {width}-d embeddings but the U-Net "
+                f"(unet/config.json) has cross_attention_dim={cross_attention_dim}: use the text encoder the U-Net "
+                "stage was trained with (train_unet.py --text_encoder), or train the U-Net on this encoder."
+            )
+    if text_encoder is not None and tokenizer is not None:
+        vocab_size = getattr(text_encoder.config, "vocab_size", None)
+        if vocab_size is not None and len(tokenizer) > vocab_size:
+            raise ValueError(
+                f"The tokenizer (tokenizer/) has {len(tokenizer)} tokens but the text encoder "
+                f"(text_encoder/config.json) embeds only vocab_size={vocab_size}: use the tokenizer saved with "
+                "this text encoder (both come from the same train_text_encoder.py run)."
+            )
+
+
+def read_model_index(directory: Path) -> dict[str, Any]:
+    """``model_index.json`` of ``directory`` after checking that it names only what this pipeline loads.
+
+    The pipeline class must be ``LatentDiffusionPipeline`` (plain, or the ``[module, class]`` pair older saves
+    wrote); each component is ``[null, null]`` or ``[library, class]`` with library ``diffusers`` or
+    ``transformers`` and a model, scheduler or tokenizer class of that library. Anything else (a tampered file)
+    raises ``ValueError`` naming the entry, before any module is imported or any weight is read.
+    """
+    path = directory / MODEL_INDEX
+    try:
+        model_index = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}): save the pipeline again with save_pretrained."
+        ) from error
+    if not isinstance(model_index, dict):
+        raise ValueError(f"{path} must hold a JSON object: save the pipeline again with save_pretrained.")
+    class_name = model_index.get("_class_name")
+    class_name = class_name[-1] if isinstance(class_name, (list, tuple)) and class_name else class_name
+    if class_name != LatentDiffusionPipeline.__name__:
+        raise ValueError(
+            f"{path} describes a {class_name!r} pipeline, not a LatentDiffusionPipeline: load it with its own "
+            "class, or pass the directory written by LatentDiffusionPipeline.save_pretrained."
+        )
+    for name, entry in model_index.items():
+        if name.startswith("_"):
+            continue
+        if name not in COMPONENT_NAMES:
+            raise ValueError(
+                f"{path} lists an unknown component {name!r}: a LatentDiffusionPipeline has only "
+                f"{', '.join(COMPONENT_NAMES)}. Remove the entry or save the pipeline again."
+            )
+        if entry is None or list(entry) == [None, None]:
+            continue
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+            raise ValueError(f"{path}: {name} must be [library, class], got {entry!r}.")
+        library, component_class = entry
+        if library not in COMPONENT_BASES:
+            raise ValueError(
+                f"{path}: {name} comes from library {library!r}; only {' and '.join(COMPONENT_BASES)} components "
+                "are loaded (no code is run from a pipeline directory). Fix the entry or save the pipeline again."
+            )
+        if not is_component_class(library, component_class):
+            raise ValueError(
+                f"{path}: {name} names class {component_class!r}, which is not a {library} "
+                f"{' or '.join(COMPONENT_BASES[library])} class. Fix the entry or save the pipeline again."
+            )
+    return model_index
+
+
+def is_component_class(library: str, class_name: Any) -> bool:
+    """Whether ``library.class_name`` is a class derived from one of the library's component bases."""
+    if not isinstance(class_name, str) or not class_name.isidentifier():
+        return False
+    module = importlib.import_module(library)
+    try:
+        candidate = getattr(module, class_name, None)
+    except Exception:  # lazy modules raise their own errors for names they cannot import
+        return False
+    bases = tuple(getattr(module, base) for base in COMPONENT_BASES[library])
+    return inspect.isclass(candidate) and issubclass(candidate, bases)
+
+
+def check_weight_files(directory: Path, components: list[str]) -> None:
+    """Raise ``ValueError`` naming the first ``.safetensors`` file of ``components`` whose header or size is not
+    that of a complete file (a truncated download or copy), before any model is built."""
+    for name in components:
+        for weights_path in sorted((directory / name).glob(f"*{WEIGHTS_SUFFIX}")):
+            try:
+                with safe_open(str(weights_path), framework="pt") as weights:
+                    weights.keys()
+            except Exception as error:  # safetensors reports every malformed file as SafetensorError
+                raise ValueError(
+                    f"{weights_path} is not a complete safetensors file ({error}): it was truncated or corrupted; "
+                    "copy or download it again, or re-run the stage that wrote it."
+                ) from error
 
 
 def sample_in_inference_mode(call: Callable) -> Callable:
@@ -77,7 +204,7 @@ def warn_if_clipping_latents(scheduler: SchedulerMixin) -> None:
         )
 
 
-class LatentDiffusionPipeline(DiffusionPipeline):
+class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
     r"""Text-to-image latent diffusion (Rombach et al. 2022) with classifier-free guidance.
 
     Args:
@@ -89,10 +216,15 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         scheduler (`SchedulerMixin`): any Diffusers scheduler (swap with ``set_scheduler(name)`` or
             ``Scheduler.from_config(pipe.scheduler.config)``).
 
-    ``save_pretrained(dir)`` writes ``model_index.json`` and one folder per component;
-    ``LatentDiffusionPipeline.from_pretrained(dir)`` loads it back, and so does
-    ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` (through a one-line file in ``dir`` that
-    imports this class).
+    Every component may be None, as in ``StableDiffusionPipeline``: without ``text_encoder``/``tokenizer`` pass
+    ``prompt_embeds`` (and ``negative_prompt_embeds`` under guidance); without a VAE ``__call__`` returns the
+    latents (``vae_scale_factor`` falls back to 8); without a scheduler ``encode_prompt`` still works. A call that
+    needs a missing component raises ``ValueError`` naming it.
+
+    ``save_pretrained(dir)`` writes ``model_index.json`` and one folder per component (weights as safetensors, no
+    code); ``LatentDiffusionPipeline.from_pretrained(dir)`` loads it back and never runs code from ``dir``. With
+    Diffusers' generic loader the user names the code: ``DiffusionPipeline.from_pretrained(dir,
+    custom_pipeline=ldm_pipeline.pipeline_latent_diffusion.__file__, trust_remote_code=True)``.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -100,38 +232,33 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel | T5EncoderModel,
-        tokenizer: PreTrainedTokenizerBase,
-        unet: UNet2DConditionModel,
-        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | None,
+        text_encoder: CLIPTextModel | T5EncoderModel | None,
+        tokenizer: PreTrainedTokenizerBase | None,
+        unet: UNet2DConditionModel | None,
+        scheduler: SchedulerMixin | None,
     ):
         super().__init__()
-        warn_if_clipping_latents(scheduler)
+        check_components_fit(vae, text_encoder, tokenizer, unet)
+        if scheduler is not None:
+            warn_if_clipping_latents(scheduler)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor_of(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    # ------------------------------------------------------------------------------------ saving and loading
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """``DiffusionPipeline.save_pretrained`` plus the record of where the class lives.
-
-        ``model_index.json`` gets ``"_class_name": ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]`` (the
-        Diffusers convention for a pipeline defined outside Diffusers) and ``pipeline_latent_diffusion.py``, which
-        imports this class, is written beside it.
-        """
-        super().save_pretrained(save_directory, **kwargs)
-        model_index_path = Path(save_directory) / MODEL_INDEX
-        model_index = json.loads(model_index_path.read_text())
-        model_index["_class_name"] = [CLASS_FILE, self.__class__.__name__]
-        model_index_path.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
-        (Path(save_directory) / f"{CLASS_FILE}.py").write_text(CLASS_FILE_SOURCE)
+    # ------------------------------------------------------------------------------------ loading
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "LatentDiffusionPipeline":
         """Load a pipeline directory written by ``save_pretrained`` (or a Hub repo id); kwargs as in Diffusers
-        (``torch_dtype``, component overrides such as ``scheduler=...``)."""
+        (``torch_dtype``, component overrides such as ``scheduler=...`` or ``vae=None``).
+
+        A local directory is checked before anything is built: ``model_index.json`` may name only Diffusers and
+        Transformers component classes (:func:`read_model_index`), every safetensors file must be complete
+        (:func:`check_weight_files`), and the loaded VAE and text encoder must fit the U-Net
+        (:func:`check_components_fit`). Each failure is one ``ValueError`` naming the file and what to do.
+        Components saved as ``None`` load as ``None``.
+        """
         path = Path(pretrained_model_name_or_path).expanduser()
         if path.is_dir():
             if not (path / MODEL_INDEX).is_file():
@@ -139,7 +266,17 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                     f"{path} holds no pipeline: there is no {MODEL_INDEX} in it. Pass the directory written by "
                     "LatentDiffusionPipeline.save_pretrained (the U-Net stage's --output_dir)."
                 )
-            return super().from_pretrained(str(path), **kwargs)
+            model_index = read_model_index(path)
+            saved_as_none = {
+                name: None for name, entry in model_index.items()
+                if name in COMPONENT_NAMES and (entry is None or list(entry) == [None, None])
+            }
+            kwargs = {**saved_as_none, **kwargs}
+            check_weight_files(path, [name for name in COMPONENT_NAMES if name in model_index and name not in kwargs])
+            try:
+                return super().from_pretrained(str(path), **kwargs)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from error
         name = str(pretrained_model_name_or_path)
         if path.exists() or path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1 or "\\" in name:
             raise FileNotFoundError(f"{name} is not a pipeline directory (it does not exist or is a file).")
@@ -153,7 +290,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     @classmethod
     def load_config(cls, *args, **kwargs):
         """``model_index.json`` with ``_class_name`` as a plain name, so that loading through this class uses
-        this class (and runs no code from the pipeline directory)."""
+        this class and never a ``[module, class]`` file that older saves wrote beside it."""
         outputs = super().load_config(*args, **kwargs)
         config = outputs[0] if isinstance(outputs, tuple) else outputs
         if isinstance(config.get("_class_name"), (list, tuple)):
@@ -165,7 +302,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     def set_scheduler(self, name: str) -> None:
         """Replace the scheduler by the one called ``name`` (see ``ldm_pipeline.schedulers``) on the same noise
         schedule."""
-        self.scheduler = scheduler_from_name(name, self.scheduler.config)
+        self.scheduler = scheduler_from_name(name, self.scheduler.config if self.scheduler is not None else None)
 
     def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> bool:
         """Use xFormers attention when it is installed and the pipeline runs on CUDA; otherwise log why not and
@@ -174,6 +311,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             reason = "xformers is not installed"
         elif not torch.cuda.is_available():
             reason = "CUDA is not available"
+        elif self.unet is None:
+            reason = "the pipeline has no U-Net"
         elif self.unet.device.type != "cuda":
             reason = f"the pipeline is on {self.unet.device.type}, xformers needs CUDA (call .to('cuda') first)"
         else:
@@ -197,6 +336,10 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         return self._guidance_scale > 1
 
     @property
+    def cross_attention_kwargs(self) -> dict[str, Any] | None:
+        return self._cross_attention_kwargs
+
+    @property
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
@@ -209,15 +352,20 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     def encode_prompt(
         self,
         prompt: str | list[str] | None,
-        device: torch.device,
-        num_images_per_prompt: int,
-        do_classifier_free_guidance: bool,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(prompt_embeds, negative_prompt_embeds)``, each ``[batch · num_images_per_prompt, L, D]``; the negative
-        ones (the empty prompt unless ``negative_prompt`` is given) only with classifier-free guidance."""
+        ones (the empty prompt unless ``negative_prompt`` is given) only with classifier-free guidance, else None.
+
+        Needs ``tokenizer`` and ``text_encoder`` only for what is not given as embeddings; runs without U-Net,
+        VAE or scheduler. ``device`` defaults to the pipeline's execution device.
+        """
+        device = device or self._execution_device
         if prompt is not None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             batch_size = len(prompts)
@@ -225,35 +373,54 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             batch_size = prompt_embeds.shape[0]
 
         if prompt_embeds is None:
-            text_inputs = tokenize_prompts(self.tokenizer, prompts)
-            prompt_embeds = encode_prompts(self.text_encoder, text_inputs.input_ids, text_inputs.attention_mask)
-
-        embeds_dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+            prompt_embeds = self.embed_prompts(prompts, "prompt_embeds")
+        embeds_dtype = next(
+            (module.dtype for module in (self.text_encoder, self.unet) if module is not None), prompt_embeds.dtype
+        )
         prompt_embeds = prompt_embeds.to(dtype=embeds_dtype, device=device)
-        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)  # [B · n, L, D]
 
-        if not do_classifier_free_guidance:
-            return prompt_embeds, None
-
-        if negative_prompt_embeds is None:
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
             if negative_prompt is None:
                 negative_prompts = [""] * batch_size
             elif isinstance(negative_prompt, str):
                 negative_prompts = [negative_prompt] * batch_size
             else:
                 negative_prompts = list(negative_prompt)
-            negative_inputs = tokenize_prompts(self.tokenizer, negative_prompts)
-            negative_prompt_embeds = encode_prompts(
-                self.text_encoder, negative_inputs.input_ids, negative_inputs.attention_mask
-            )
+            negative_prompt_embeds = self.embed_prompts(negative_prompts, "negative_prompt_embeds")
             if negative_prompt_embeds.shape[1:] != prompt_embeds.shape[1:]:
                 raise ValueError(
                     f"prompt_embeds have shape {tuple(prompt_embeds.shape[1:])} per prompt but the text encoder gives "
                     f"{tuple(negative_prompt_embeds.shape[1:])}: pass negative_prompt_embeds of the same shape."
                 )
-        negative_prompt_embeds = negative_prompt_embeds.to(dtype=embeds_dtype, device=device)
-        negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.to(dtype=embeds_dtype, device=device)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        else:
+            negative_prompt_embeds = None
         return prompt_embeds, negative_prompt_embeds
+
+    def embed_prompts(self, prompts: list[str], embeds_argument: str) -> torch.Tensor:
+        """``text_encoder(tokenize(prompts))`` ``[B, L, D]``; without a text encoder or tokenizer a ``ValueError``
+        says to pass ``embeds_argument`` instead."""
+        missing = [name for name in ("tokenizer", "text_encoder") if getattr(self, name, None) is None]
+        if missing:
+            raise ValueError(
+                f"This pipeline has no {' and no '.join(missing)}, so it cannot encode prompts: pass "
+                f"`{embeds_argument}` (from a pipeline that has them: pipe.encode_prompt(...)), or load the "
+                "pipeline with its text encoder and tokenizer."
+            )
+        text_inputs = tokenize_prompts(self.tokenizer, prompts)
+        return encode_prompts(self.text_encoder, text_inputs.input_ids, text_inputs.attention_mask)
+
+    def require(self, *names: str) -> None:
+        """Raise ``ValueError`` when a component that the current call needs is None."""
+        missing = [name for name in names if getattr(self, name, None) is None]
+        if missing:
+            raise ValueError(
+                f"This pipeline has no {', '.join(missing)}, which sampling needs: load it with "
+                f"LatentDiffusionPipeline.from_pretrained(dir) or set pipe.{missing[0]} = ... first."
+            )
 
     def prepare_latents(
         self,
@@ -394,6 +561,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ) -> ImagePipelineOutput | tuple:
@@ -415,8 +583,11 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 ``[images, in_channels, height / f, width / f]``.
             prompt_embeds, negative_prompt_embeds (`torch.Tensor` ``[batch, L, D]``): precomputed text embeddings.
             output_type (`str`): ``"pil"`` (list of PIL images), ``"np"`` (``[N, H, W, 3]`` in [0, 1]), ``"pt"``
-                (``[N, 3, H, W]`` in [0, 1]) or ``"latent"`` (the final latents, not decoded).
+                (``[N, 3, H, W]`` in [0, 1]) or ``"latent"`` (the final latents, not decoded). A pipeline without
+                a VAE returns the latents for every output type.
             return_dict (`bool`): return an `ImagePipelineOutput` rather than the tuple ``(images,)``.
+            cross_attention_kwargs (`dict`): passed to the U-Net's attention processors at every step, as in
+                ``StableDiffusionPipeline`` (e.g. the extra arguments of a custom ``AttnProcessor``).
             callback_on_step_end (`Callable` or `PipelineCallback`): called after every step as
                 ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict``; returned
                 ``"latents"``/``"prompt_embeds"``/``"negative_prompt_embeds"`` replace the current ones. As in
@@ -428,6 +599,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        self.require("unet", "scheduler")
 
         # 0. Default height and width from the U-Net's sample size
         default_height, default_width = self.default_height_width()
@@ -448,6 +621,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         )
         warn_if_clipping_latents(self.scheduler)
         self._guidance_scale = guidance_scale
+        self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
 
         # 2. Batch size and device
@@ -500,7 +674,13 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
 
-                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                noise_pred = self.unet(
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                    return_dict=False,
+                )[0]
 
                 if self.do_classifier_free_guidance:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
@@ -524,7 +704,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                     progress_bar.update()
 
         # 8. Decode
-        if output_type == "latent":
+        if self.vae is None and output_type != "latent":
+            logger.warning(f"This pipeline has no VAE: returning latents instead of output_type={output_type!r}.")
+        if output_type == "latent" or self.vae is None:
             image = latents
         else:
             image = self.decode_latents(latents, generator=generator)

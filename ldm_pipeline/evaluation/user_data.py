@@ -28,6 +28,7 @@ import torch
 from ldm_pipeline.data import collate_examples
 from ldm_pipeline.evaluation.alignment import StageOneTowers, prompt_alignment
 from ldm_pipeline.evaluation.feature_metrics import DEFAULT_K, fidelity_and_diversity
+from ldm_pipeline.evaluation.fid import inception_fid
 from ldm_pipeline.evaluation.images import labelled_grid, sample_images, to_model_range, to_pil_images
 from ldm_pipeline.evaluation.memorization import (
     DEFAULT_PERCENTILE,
@@ -70,9 +71,11 @@ def evaluate_on_user_data(pipe, towers: StageOneTowers, heldout_dataset, train_d
                           num_images: int | None = None, seed: int = 0, num_inference_steps: int = 25,
                           guidance_scale: float = 4.0, batch_size: int = 16, k: int = DEFAULT_K,
                           percentile: float = DEFAULT_PERCENTILE, max_train_images: int | None = None,
-                          grid_images: int = 16, model_name: str = "pipeline", report_fields: dict | None = None
+                          grid_images: int = 16, model_name: str = "pipeline", report_fields: dict | None = None,
+                          inception=None
                           ) -> dict:
-    """Generate for held-out captions and measure alignment, fidelity/diversity and memorization (module
+    """Generate for held-out captions and measure alignment, fidelity/diversity (and the Inception FID when an
+    ``inception`` network is given) and memorization (module
     docstring). ``train_dataset=None`` skips memorization and the training-image reference. With ``out`` it
     writes ``report.json``, ``report.md``, ``judgements.json``, ``samples/``, ``grid_samples.png`` and
     ``memorization_{pixels,features}.png``; ``report_fields`` are added to the report. Returns the report."""
@@ -95,6 +98,9 @@ def evaluate_on_user_data(pipe, towers: StageOneTowers, heldout_dataset, train_d
     alignment = prompt_alignment(towers, generated_embeds, real_embeds, captions, seed)
     k = min(k, count - 1)
     fidelity = fidelity_and_diversity(real_features.numpy(), generated_features.numpy(), k)
+    if inception is not None:
+        real_images = to_pil_images(((real + 1) / 2).permute(0, 2, 3, 1).numpy())  # [N, H, W, 3] in [0, 1]
+        fidelity["inception_fid"] = inception_fid(inception, generated_images, real_images)
 
     memorization, reference, nearest = None, None, None
     if train_dataset is not None:
