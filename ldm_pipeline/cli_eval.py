@@ -128,11 +128,11 @@ def reconstruct_images(args: argparse.Namespace, prompt_set) -> tuple[list[Image
     import torch
 
     from ldm_pipeline.data.datasets import image_to_tensor
-    from ldm_pipeline.vae import load_vae, reconstruct, to_unit_range
+    from ldm_pipeline.vae import load_vae, reconstruct, to_unit_range, vae_scale_factor
 
     vae = load_vae(args.vae).eval()
     resolution = args.resolution or vae.config.sample_size
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     if resolution % factor:
         raise ValueError(f"--resolution {resolution} is not divisible by the VAE's factor {factor}: pass a multiple "
                          f"of {factor}.")

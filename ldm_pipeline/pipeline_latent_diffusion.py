@@ -34,13 +34,14 @@ from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import is_xformers_available
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors import safe_open
 from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel
 
+from ldm_pipeline.attention import xformers_unavailable_reason
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 from ldm_pipeline.schedulers import scheduler_from_name
+from ldm_pipeline.vae import vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +52,7 @@ COMPONENT_BASES = {
     "diffusers": ("ModelMixin", "SchedulerMixin"),
     "transformers": ("PreTrainedModel", "PreTrainedTokenizerBase"),
 }
-DEFAULT_VAE_SCALE_FACTOR = 8  # StableDiffusionPipeline's factor when it has no VAE
 WEIGHTS_SUFFIX = ".safetensors"
-
-
-def vae_scale_factor_of(vae) -> int:
-    """``2 ** (len(vae.config.block_out_channels) - 1)``, the VAE's downsampling factor; 8 without a VAE."""
-    if vae is None:
-        return DEFAULT_VAE_SCALE_FACTOR
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def text_encoder_width(text_encoder) -> int | None:
@@ -243,7 +236,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
         if scheduler is not None:
             warn_if_clipping_latents(scheduler)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.vae_scale_factor = vae_scale_factor_of(vae)
+        self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # ------------------------------------------------------------------------------------ loading
@@ -307,21 +300,12 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
     def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> bool:
         """Use xFormers attention when it is installed and the pipeline runs on CUDA; otherwise log why not and
         keep PyTorch's ``scaled_dot_product_attention`` (also memory-efficient). Returns whether xFormers is on."""
-        if not is_xformers_available():
-            reason = "xformers is not installed"
-        elif not torch.cuda.is_available():
-            reason = "CUDA is not available"
-        elif self.unet is None:
-            reason = "the pipeline has no U-Net"
-        elif self.unet.device.type != "cuda":
-            reason = f"the pipeline is on {self.unet.device.type}, xformers needs CUDA (call .to('cuda') first)"
-        else:
+        reason = xformers_unavailable_reason(self.unet.device if self.unet is not None else None)
+        if reason is None:
             super().enable_xformers_memory_efficient_attention(attention_op)
             return True
-        logger.warning(
-            f"xFormers memory-efficient attention is not enabled: {reason}. "
-            "Keeping PyTorch scaled_dot_product_attention (SDPA)."
-        )
+        logger.warning(f"xFormers memory-efficient attention is not enabled: {reason}. Keeping PyTorch "
+                       "scaled_dot_product_attention (SDPA).")
         return False
 
     # ------------------------------------------------------------------------------------ properties

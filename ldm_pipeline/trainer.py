@@ -445,6 +445,7 @@ class StageTrainer:
         self._running: dict[str, float] = {}
         self._elapsed_before = 0.0
         self._data_fingerprint: str | None = None
+        self.dataset = None
         self.train_seconds = 0.0
 
     # -- set-up
@@ -519,9 +520,11 @@ class StageTrainer:
         """Context manager: ``model`` holds the EMA weights inside the block (no-op without ``--use_ema``)."""
         return ema_weights(self.ema, model)
 
-    def start(self, fingerprint: dict | None = None, num_samples: int | None = None) -> int:
+    def start(self, fingerprint: dict | None = None, num_samples: int | None = None, dataset=None) -> int:
         """Resume if asked (checking the checkpoint and the run fingerprint), start the trackers, the log and the
-        progress bar. ``fingerprint`` adds what the config does not show (data, frozen stages)."""
+        progress bar. ``fingerprint`` adds what the config does not show (frozen stages); ``dataset`` is the
+        training data, whose skipped images (``--skip_bad_images``) are reported at the end."""
+        self.dataset = dataset
         self.fingerprint = {**self.config.fingerprint(), "data_files": self.data_fingerprint, **(fingerprint or {})}
         path = resolve_resume_path(self.args.resume_from_checkpoint, self.output_dir, self.print)
         if path is not None:
@@ -631,10 +634,13 @@ class StageTrainer:
 
     # -- the end
 
-    def finish(self, save: Callable[[], dict]) -> dict:
+    def finish(self, save: Callable[[], dict], card_stage_dirs: dict | None = None,
+               base_models: dict | None = None) -> dict:
         """On the main process, with the EMA weights in the model: ``save()`` writes the stage's outputs and returns
         its metrics, which are completed with the step count and time and written to
-        ``OUTPUT_DIR/<stage>_metrics.json``. Then the trackers stop."""
+        ``OUTPUT_DIR/<stage>_metrics.json``; a model card (``README.md``) describes the output, and
+        ``--push_to_hub`` uploads it. Then the trackers stop. ``card_stage_dirs`` names the outputs of the other
+        stages the card describes (the U-Net stage's pipeline holds all three)."""
         self.progress.close()
         self.train_seconds = train_seconds = time.perf_counter() - self.start_time
         self.accelerator.wait_for_everyone()
@@ -643,10 +649,27 @@ class StageTrainer:
             if self.ema is not None:
                 self.ema.copy_to(self._ema_target.parameters())
             metrics = {**save(), "train_steps": self.global_step, "train_seconds_this_run": round(train_seconds, 2)}
+            skipped = getattr(self.dataset, "skipped_summary", lambda: None)()
+            if skipped:
+                metrics["skipped_images"] = getattr(self.dataset, "skipped_images", None)
+                self.print(skipped)
             write_json_atomic(self.output_dir / f"{self.stage}_metrics.json", metrics)
+            self.write_model_card(card_stage_dirs, base_models)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return metrics
+
+    def write_model_card(self, stage_dirs: dict | None = None, base_models: dict | None = None) -> None:
+        """``OUTPUT_DIR/README.md`` in the Hub's model-card format; uploaded with ``--push_to_hub``."""
+        from ldm_pipeline.model_card import push_to_hub, write_model_card
+
+        write_model_card(self.output_dir, {**(stage_dirs or {}), self.stage: self.output_dir},
+                         base_models=base_models, configs={self.stage: self.config.path} if self.config.path else None,
+                         dataset_name=self.config.data.source, hub_model_id=self.args.hub_model_id)
+        if self.args.push_to_hub:
+            url = push_to_hub(self.output_dir, self.args.hub_model_id or self.output_dir.resolve().name,
+                              token=self.args.hub_token)
+            self.print(f"Pushed {self.output_dir} to the Hub: {url}")
 
     def images_per_second(self) -> float:
         """Training images per second of this run's loop (all processes), once ``finish`` has begun."""

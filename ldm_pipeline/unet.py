@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from diffusers.utils import is_xformers_available
 
 from ldm_pipeline.caching import fingerprint_model, fingerprint_tokenizer
 from ldm_pipeline.config import UNetTrainingConfig, closest
@@ -54,21 +53,6 @@ def build_unet(model_config: dict, vae: AutoencoderKL, text_encoder, resolution:
     kwargs.update(sample_size=resolution // factor, in_channels=vae.config.latent_channels,
                   out_channels=vae.config.latent_channels, cross_attention_dim=text_hidden_size(text_encoder))
     return UNet2DConditionModel(**kwargs)
-
-
-def enable_memory_efficient_attention(model: torch.nn.Module, log=print) -> bool:
-    """xFormers attention on CUDA when installed (True); otherwise log why not and keep PyTorch's
-    ``scaled_dot_product_attention``, which is also memory-efficient (False)."""
-    if not torch.cuda.is_available():
-        log("xFormers attention needs CUDA, which is not available: keeping PyTorch's "
-            "scaled_dot_product_attention (also memory-efficient).")
-        return False
-    if not is_xformers_available():
-        log("xformers is not installed (pip install -e .[xformers]): keeping PyTorch's "
-            "scaled_dot_product_attention.")
-        return False
-    model.enable_xformers_memory_efficient_attention()
-    return True
 
 
 class DenoisingObjective:

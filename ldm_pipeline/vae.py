@@ -60,10 +60,16 @@ def autoencoder_kwargs(model_config: dict) -> dict:
     return kwargs
 
 
+DEFAULT_VAE_SCALE_FACTOR = 8  # StableDiffusionPipeline's factor when it has no VAE
+
+
 def vae_scale_factor(vae) -> int:
     """f = 2 ** (len(block_out_channels) - 1): every encoder block but the last halves the image size.
 
-    ``vae`` is an ``AutoencoderKL``, its ``config``, or a VAE stage config's ``model`` section."""
+    ``vae`` is an ``AutoencoderKL``, its ``config``, a VAE stage config's ``model`` section, or None (a pipeline
+    without a VAE: Stable Diffusion's 8)."""
+    if vae is None:
+        return DEFAULT_VAE_SCALE_FACTOR
     if isinstance(vae, dict) and "autoencoder" in vae:
         channels = autoencoder_kwargs(vae).get("block_out_channels", (64,))
     else:

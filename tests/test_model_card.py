@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
@@ -119,3 +120,21 @@ def test_push_to_hub_creates_the_repo_and_uploads_without_training_state(run_dir
     upload = FakeHfApi.calls[2][1]
     assert upload["repo_id"] == "user/ldm-shapes" and upload["folder_path"] == str(run_dirs["pipeline"])
     assert "checkpoints/*" in upload["ignore_patterns"] and "logs/*" in upload["ignore_patterns"]
+
+
+def test_every_stage_writes_its_card_and_push_to_hub_uploads_it(tmp_path, monkeypatch):
+    """``--push_to_hub`` after training: the card is written and the upload is called with the output folder
+    (the upload itself needs the network, so it is replaced here)."""
+    import ldm_pipeline.model_card as model_card
+    from conftest import run_stage
+
+    uploads = []
+    monkeypatch.setattr(model_card, "push_to_hub", lambda folder, repo, token=None: uploads.append((folder, repo)) or
+                        f"https://huggingface.co/{repo}")
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "vae.json"
+    out = tmp_path / "vae_stage"
+    run_stage("vae", ["--config", str(config), "--output_dir", str(out), "--max_train_steps", "2",
+                      "--report_to", "none", "--push_to_hub", "--hub_model_id", "user/tiny-vae"])
+    card = (out / "README.md").read_text()
+    assert "library_name: diffusers" in card and "trained-from-scratch" in card
+    assert uploads == [(out, "user/tiny-vae")]

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from ldm_pipeline.config import load_stage_config
 from ldm_pipeline.data import build_dataset, collate_examples, dataset_captions
 from ldm_pipeline.errors import run_cli
+from ldm_pipeline.model_card import write_model_card
 from ldm_pipeline.prompt_encoding import tokenize_prompts
 from ldm_pipeline.text_encoder import (
     build_contrastive_model,
@@ -42,6 +43,7 @@ def copy_pretrained(name_or_path: str, output_dir: Path) -> dict:
     tokenizer.save_pretrained(output_dir / "tokenizer")
     metrics = {"pretrained_text_encoder": name_or_path, "architecture": text_encoder.config.model_type}
     (output_dir / "text_encoder_metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_model_card(output_dir, base_models={"text_encoder": name_or_path})
     print(f"Copied pretrained {text_encoder.config.model_type} text encoder {name_or_path} to "
           f"{output_dir / 'text_encoder'} and {output_dir / 'tokenizer'} (no training).")
     return metrics
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         return metrics
 
     # 5. Training loop.
-    trainer.start(num_samples=len(train_dataset))
+    trainer.start(num_samples=len(train_dataset), dataset=train_dataset)
     model.train()
     for batch in trainer.batches(train_dataloader, sampler):
         with trainer.accelerator.accumulate(model):

@@ -19,9 +19,12 @@ OUT/validation/step-N.png, tensorboard logs in OUT/logs and resumable states in 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import UNet2DConditionModel
 
+from ldm_pipeline.attention import enable_memory_efficient_attention
 from ldm_pipeline.caching import CachedLatentDataset, cache_key, compute_cache, load_shared_cache, sample_latents
 from ldm_pipeline.config import load_stage_config
 from ldm_pipeline.data import build_dataset, collate_examples
@@ -35,7 +38,6 @@ from ldm_pipeline.trainer import StageTrainer, check_writable
 from ldm_pipeline.unet import (
     DenoisingObjective,
     build_unet,
-    enable_memory_efficient_attention,
     frozen_stage_fingerprints,
     sample_validation_images,
     save_unet_snapshot,
@@ -61,8 +63,6 @@ def main(argv: list[str] | None = None) -> dict:
     unet = build_unet(config.model, vae, text_encoder, data.resolution)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if args.enable_xformers_memory_efficient_attention:
-        enable_memory_efficient_attention(unet, trainer.print)
     objective = DenoisingObjective(noise_scheduler, args.snr_gamma, args.noise_offset)
     trainer.print(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, latents "
                   f"{unet.config.in_channels}x{unet.config.sample_size}x{unet.config.sample_size}, "
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_dataloader, sampler = trainer.dataloader(loader_dataset, collate_fn)
     unet, optimizer, train_dataloader, lr_scheduler = trainer.prepare(unet, optimizer, train_dataloader, lr_scheduler)
     model = trainer.accelerator.unwrap_model(unet)
+    if args.enable_xformers_memory_efficient_attention:
+        enable_memory_efficient_attention(model, trainer.print)
     trainer.track_ema(model, UNet2DConditionModel, "unet_ema")
 
     def pipeline(scheduler) -> LatentDiffusionPipeline:
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.log_images("validation", images)
 
     # 5. Training loop.
-    trainer.start(frozen_fingerprints, num_samples=len(loader_dataset))
+    trainer.start(frozen_fingerprints, num_samples=len(loader_dataset), dataset=train_dataset)
     unet.train()
     for batch in trainer.batches(train_dataloader, sampler):
         generator = trainer.generator()
@@ -145,7 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "prediction_type": objective.prediction_type,
                 "num_parameters": sum(p.numel() for p in model.parameters())}
 
-    return trainer.finish(save)
+    stage_dirs = {name: path for name, path in (("text_encoder", args.text_encoder), ("vae", args.vae))
+                  if Path(path).is_dir()}
+    return trainer.finish(save, card_stage_dirs=stage_dirs)
 
 
 if __name__ == "__main__":
