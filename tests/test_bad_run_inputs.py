@@ -240,3 +240,12 @@ def test_the_script_prints_one_line_and_exits_2(tmp_path):
         "train_vae.py: error: --max_train_steps = 0 is out of range: it must be > 0."]
     verbose = subprocess.run(command + ["--verbose"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").glob("*/*.json") if p.stem != "eval"),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_passes_the_schema(path):
+    stage = next(name for name in ("text_encoder", "vae", "unet") if path.stem.startswith(name))
+    config = load_stage_config(stage, ["--config", str(path)] + (["--text_encoder", "a", "--vae", "b"]
+                                                                 if stage == "unet" else []))
+    assert config.data.resolution > 0 and config.training.max_train_steps > 0

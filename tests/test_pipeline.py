@@ -696,7 +696,7 @@ def test_xformers_falls_back_to_sdpa_with_a_message(pipe, caplog):
 
 
 def test_xformers_installed_but_no_cuda_names_the_reason(pipe, caplog, monkeypatch):
-    import ldm_pipeline.pipeline_latent_diffusion as module
+    import ldm_pipeline.attention as module
 
     monkeypatch.setattr(module, "is_xformers_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
