@@ -1,5 +1,5 @@
 """LatentDiffusionPipeline on a tiny random pipeline: every __call__ argument, classifier-free guidance, the
-reference check against Diffusers' StableDiffusionPipeline, DDPM/DDIM steps against the seed notes' formulas,
+reference check against Diffusers' StableDiffusionPipeline, DDPM/DDIM steps against the papers' formulas,
 save/load, bad input, xFormers fallback and the ldm-generate CLI."""
 
 from __future__ import annotations
@@ -467,7 +467,8 @@ def record_latents(pipe, **kwargs):
 
 
 def test_ddpm_with_fewer_steps_samples_the_skip_step_posterior(components):
-    """x_{t-n} ~ q(x_{t-n} | x_t, x_0) with a = prod_{i=t-n+1..t} alpha_i, abar = alphas_cumprod (seed notes 001):
+    """x_{t-n} ~ q(x_{t-n} | x_t, x_0) with a = prod_{i=t-n+1..t} alpha_i, abar = alphas_cumprod (DDPM's
+    posterior, Ho et al. 2020, arXiv:2006.11239, eqs. 6-7, for the n-step transition a = abar_t / abar_{t-n}):
     mean = [sqrt(a)/(1-a) x_t + sqrt(abar_{t-n})/(1-abar_{t-n}) x_0] · var,
     var  = (1 - abar_{t-n} - a + abar_t) / (1 - abar_t),   x_0 = (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)."""
     scheduler = DDPMScheduler(**SCHEDULE, clip_sample=False)
