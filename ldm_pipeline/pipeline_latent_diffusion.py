@@ -24,6 +24,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -588,7 +589,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         # 0. Default height and width from the U-Net's sample size
         default_height, default_width = self.default_height_width()
-        height, width = height or default_height, width or default_width
+        height = default_height if height is None else height
+        width = default_width if width is None else width
 
         # 1. Check inputs
         self.check_inputs(
@@ -603,6 +605,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
             output_type,
             callback_on_step_end_tensor_inputs,
         )
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale}.")
         warn_if_clipping_latents(self.scheduler)
         self._guidance_scale = guidance_scale
         self._cross_attention_kwargs = cross_attention_kwargs

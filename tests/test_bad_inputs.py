@@ -383,3 +383,15 @@ def test_export_errors_are_one_line(tmp_path, capsys):
         export_main(["--out", str(tmp_path / "export"), "--num_samples", "2", "--resolution", "16"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("ldm-export-shapes: error: ") and "--overwrite" in err
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"height": 0}, r"`height`=0 must be a positive multiple"),
+    ({"width": -16}, r"`width`=-16 must be a positive multiple"),
+    ({"guidance_scale": float("inf")}, r"`guidance_scale` must be a finite number"),
+    ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number"),
+])
+def test_the_pipeline_rejects_sizes_and_guidance_it_cannot_use(tiny_pipeline_factory, kwargs, message):
+    pipe = tiny_pipeline_factory("clip")
+    with pytest.raises(ValueError, match=message):
+        pipe("a red cat", num_inference_steps=2, **kwargs)
