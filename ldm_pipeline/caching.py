@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 
-CACHE_FORMAT_VERSION = "1"
+CACHE_FORMAT_VERSION = "2"
 
 # ------------------------------------------------------------------------------------------------ fingerprints
 
@@ -68,6 +68,19 @@ def cache_key(frozen_fingerprints: dict[str, str], data_key: str) -> str:
 # ------------------------------------------------------------------------------------------------ the cache
 
 
+TENSOR_NAMES = ("latent_mean", "latent_std", "caption_ids", "text_embeds", "empty_embeds")
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``tensors``."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 @dataclass
 class LatentCache:
     """Cached VAE posteriors and text embeddings of one dataset split (see the module docstring)."""
@@ -82,23 +95,33 @@ class LatentCache:
     def __len__(self) -> int:
         return self.latent_mean.shape[0]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).contiguous() for name in TENSOR_NAMES}
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file, then rename) so that an interrupted write is never reused."""
+        """Write atomically (temporary file, fsync, rename) so that an interrupted write is never reused, with a
+        SHA-256 checksum of the tensors so that a file damaged later is never used either."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).contiguous() for name in
-                   ("latent_mean", "latent_std", "caption_ids", "text_embeds", "empty_embeds")}
+        tensors = self.tensors()
         partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        save_file(tensors, str(partial), metadata={"key": self.key, "format_version": CACHE_FORMAT_VERSION})
+        save_file(tensors, str(partial), metadata={"key": self.key, "format_version": CACHE_FORMAT_VERSION,
+                                                   "sha256": tensors_checksum(tensors)})
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(partial, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, key: str) -> "LatentCache":
+        """The cache stored at ``path``; ``ValueError`` when it belongs to other inputs or its bytes changed."""
         with safe_open(str(path), framework="pt") as f:
-            stored_key = (f.metadata() or {}).get("key")
-        if stored_key != key:
-            raise ValueError(f"Cache {path} was computed for other inputs (key {stored_key} != {key}).")
-        return cls(**load_file(str(path)), key=key)
+            metadata = f.metadata() or {}
+        if metadata.get("key") != key:
+            raise ValueError(f"Cache {path} was computed for other inputs (key {metadata.get('key')} != {key}).")
+        tensors = load_file(str(path))
+        if tensors_checksum(tensors) != metadata.get("sha256"):
+            raise ValueError(f"Cache {path} is damaged: its checksum does not match its tensors.")
+        return cls(**tensors, key=key)
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):

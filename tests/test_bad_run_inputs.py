@@ -249,3 +249,52 @@ def test_every_shipped_config_passes_the_schema(path):
     config = load_stage_config(stage, ["--config", str(path)] + (["--text_encoder", "a", "--vae", "b"]
                                                                  if stage == "unet" else []))
     assert config.data.resolution > 0 and config.training.max_train_steps > 0
+
+
+# ------------------------------------------------------------------------------------- caches and data edits
+
+
+def test_a_cache_with_flipped_bytes_is_recomputed_not_used(tmp_path):
+    from ldm_pipeline.caching import LatentCache, cache_path, load_or_compute_cache
+
+    def compute():
+        return LatentCache(latent_mean=torch.zeros(2, 4, 2, 2), latent_std=torch.ones(2, 4, 2, 2),
+                           caption_ids=torch.tensor([0, 1]), text_embeds=torch.ones(2, 3, 8),
+                           empty_embeds=torch.zeros(3, 8))
+
+    cache, reused = load_or_compute_cache(tmp_path, "train", "k" * 64, compute, log=lambda *_: None)
+    assert not reused
+    path = cache_path(tmp_path, "train", "k" * 64)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # a bit flip in the tensor data, after the header
+    path.write_bytes(bytes(raw))
+    messages = []
+    again, reused = load_or_compute_cache(tmp_path, "train", "k" * 64, compute, log=messages.append)
+    assert not reused and any("checksum does not match" in m for m in messages)
+    assert torch.equal(again.text_embeds, torch.ones(2, 3, 8))
+
+
+def test_an_image_edited_with_the_same_size_and_time_changes_the_data_fingerprint(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from ldm_pipeline.config import DataConfig
+    from ldm_pipeline.data import dataset_fingerprint
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "a red cat"}) + "\n"
+                                                   for i in range(3)))
+    data = DataConfig(resolution=8, train_data_dir=str(folder), num_validation_samples=1)
+    before = dataset_fingerprint(data)
+    image = folder / "1.png"
+    stat = image.stat()
+    payload = bytearray(image.read_bytes())
+    payload[-20] ^= 0x01
+    image.write_bytes(bytes(payload))
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert image.stat().st_size == stat.st_size and image.stat().st_mtime_ns == stat.st_mtime_ns
+    assert dataset_fingerprint(data) != before

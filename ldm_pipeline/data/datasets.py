@@ -549,8 +549,9 @@ def build_dataset(data: DataConfig, split: str = "train") -> torch.utils.data.Da
 def dataset_fingerprint(data: DataConfig, split: str = "train") -> str:
     """A stable hash of what defines ``build_dataset(data, split)``: change any of it and the hash changes.
 
-    Shapes: generator version and source, seed, split, size, resolution. User data: the files' names, sizes and
-    modification times (local folders) or the Hugging Face dataset fingerprint (hub). Both include the
+    Shapes: generator version and source, seed, split, size, resolution. User data: the files' names, sizes,
+    modification and status-change times (local folders: an edit that keeps a file's size and modification time
+    still changes its status-change time) or the Hugging Face dataset fingerprint (hub). Both include the
     preprocessing flags. Random crop/flip make items random, but the hash only describes the data.
     """
     _check_split(split)
@@ -573,7 +574,8 @@ def dataset_fingerprint(data: DataConfig, split: str = "train") -> str:
         root = Path(data.train_data_dir)
         files = sorted(p for p in root.rglob("*") if p.is_file())
         payload.update(source=str(root.resolve()), files=[
-            (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+            (str(p.relative_to(root)), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+            for p in files for stat in (p.stat(),)])
     else:
         loaded = _load_hf_dataset(data)
         payload.update(source=data.dataset_name, config=data.dataset_config_name,
