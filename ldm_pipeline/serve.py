@@ -163,7 +163,7 @@ def image_metadata(settings: GenerationSettings, seed: int, scheduler: str, size
 # ---------------------------------------------------------------------------------------------- the shared pipeline
 
 
-@dataclass
+@dataclass(eq=False)
 class ImageServer:
     """One pipeline shared by every request; :meth:`generate` runs one request at a time, in arrival order.
 
