@@ -174,9 +174,9 @@ class ImageServer:
     model: str
     max_images: int = 8
     max_side: int = 1024
-    _turn: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _count_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _in_line: int = field(default=0, init=False, repr=False)
+    _line: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
+    _next_ticket: int = field(default=0, init=False, repr=False)
+    _serving: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
         self.saved_scheduler = self.pipe.scheduler
@@ -207,15 +207,17 @@ class ImageServer:
         """
         emit = on_event or (lambda event: None)
         self.check_limits(settings)
-        with self._count_lock:
-            emit({"type": "queued", "ahead": self._in_line})
-            self._in_line += 1
+        with self._line:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            emit({"type": "queued", "ahead": ticket - self._serving})
+            self._line.wait_for(lambda: self._serving == ticket)
         try:
-            with self._turn:
-                return self._sample(settings, emit)
+            return self._sample(settings, emit)
         finally:
-            with self._count_lock:
-                self._in_line -= 1
+            with self._line:
+                self._serving += 1
+                self._line.notify_all()
 
     def _sample(self, settings: GenerationSettings, emit: ProgressCallback) -> list[GeneratedImage]:
         pipe = self.pipe

@@ -114,27 +114,36 @@ def test_png_metadata_round_trips_as_text_chunks(server):
         assert b"iTXtnegative_prompt" in data  # not Latin-1: PNG's international text chunk
 
 
-def test_requests_wait_their_turn(server):
+def test_requests_wait_their_turn_in_arrival_order(server):
     events: list[tuple[str, dict]] = []
+    queued = {name: threading.Event() for name in ("first", "second", "third")}
     first_started = threading.Event()
 
     def record(name):
         def on_event(event):
             events.append((name, event))
+            queued[name].set()
             if name == "first" and event["type"] == "progress":
                 first_started.set()
-                time.sleep(0.05)  # give the second request every chance to run alongside
+                time.sleep(0.05)  # give the others every chance to run alongside
         return on_event
 
-    first = threading.Thread(target=server.generate, args=(GenerationSettings("a cat", steps=4, seed=1), record("first")))
-    first.start()
+    def request(name, steps):
+        thread = threading.Thread(target=server.generate,
+                                  args=(GenerationSettings("a cat", steps=steps, seed=1), record(name)))
+        thread.start()
+        assert queued[name].wait(30)
+        return thread
+
+    threads = [request("first", 4)]
     assert first_started.wait(30)
-    server.generate(GenerationSettings("a dog", steps=2, seed=2), record("second"))
-    first.join()
+    threads += [request("second", 2), request("third", 3)]
+    for thread in threads:
+        thread.join(60)
 
     order = [name for name, event in events if event["type"] == "progress"]
-    assert order == ["first"] * 4 + ["second"] * 2
-    assert ("second", {"type": "queued", "ahead": 1}) in events
+    assert order == ["first"] * 4 + ["second"] * 2 + ["third"] * 3
+    assert [event["ahead"] for _, event in events if event["type"] == "queued"] == [0, 1, 2]
 
 
 def test_settings_that_are_not_numbers_name_the_field():
