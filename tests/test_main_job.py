@@ -7,14 +7,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from ldm_pipeline import LatentDiffusionPipeline
+from ldm_pipeline.data.export import main as export_main
+from ldm_pipeline.data.shapes import CATEGORIES
+from training import run_demo
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "training"))
-
-import run_demo  # noqa: E402
-
-from ldm_pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm_pipeline.data.export import main as export_main  # noqa: E402
-from ldm_pipeline.data.shapes import CATEGORIES  # noqa: E402
 
 
 def test_main_job_runs_all_stages_and_writes_a_summary(tmp_path):
@@ -108,3 +106,10 @@ def test_main_job_on_a_user_imagefolder(tmp_path):
     assert {j["caption"] for j in json.loads((out / "eval" / "judgements.json").read_text())} <= captions
     assert "(ceiling)" in (out / "summary.md").read_text()
     assert Image.open(summary["sample_grid"]).size[0] > 0
+
+
+def test_only_the_data_flags_given_reach_the_stages():
+    """The stages' configs keep their own data settings (e.g. 500 held-out pairs) unless a flag overrides them."""
+    assert run_demo.data_flags(run_demo.parse_args([])) == []
+    assert run_demo.data_flags(run_demo.parse_args(["--train_data_dir", "d", "--random_flip"])) == [
+        "--train_data_dir", "d", "--random_flip", "true"]

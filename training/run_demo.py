@@ -24,6 +24,7 @@ printed and written to OUT/summary.json and OUT/summary.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -32,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from ldm_pipeline.data import add_data_args
+from ldm_pipeline.config import DataConfig, add_dataclass_arguments
 from ldm_pipeline.errors import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,6 +57,8 @@ SAMPLE_PROMPTS = [
 ]
 
 
+DATA_FIELDS = [field.name for field in dataclasses.fields(DataConfig)]
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_dir", default=str(REPO / "configs" / "demo"), help="configs/<size> directory.")
@@ -65,19 +68,22 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip_existing", action="store_true",
                         help="Reuse a stage's output when it is already complete in OUTPUT_DIR.")
-    add_data_args(parser)
-    return parser.parse_args(argv)
+    add_dataclass_arguments(parser, DataConfig, "data")
+    args = parser.parse_args(argv)
+    for name in DATA_FIELDS:
+        if not hasattr(args, name):
+            setattr(args, name, None)
+    return args
 
 
 def data_flags(args: argparse.Namespace) -> list[str]:
-    """The data flags given on the command line, as arguments for every stage (configs fill the rest)."""
+    """The data flags given on the command line (and only those), as arguments for every stage; each stage's
+    config fills the rest."""
     flags = []
-    for name in vars(add_data_args(argparse.ArgumentParser()).parse_args([])):
+    for name in DATA_FIELDS:
         value = getattr(args, name)
-        if value is True:
-            flags.append(f"--{name}")
-        elif value is not None:
-            flags += [f"--{name}", str(value)]
+        if value is not None:
+            flags += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
     return flags
 
 
