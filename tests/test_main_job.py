@@ -2,7 +2,6 @@
 also on a user imagefolder."""
 
 import json
-import sys
 from pathlib import Path
 
 from PIL import Image
