@@ -120,6 +120,15 @@ def evaluation_section(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def display_path(directory: Path) -> str:
+    """``directory`` relative to the working directory when it lies below it (a card should not carry the
+    absolute path of the machine it was written on), else as given."""
+    try:
+        return str(Path(directory).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(directory)
+
+
 def usage_section(repo_or_path: str) -> str:
     return "\n".join([
         "## Usage", "", "```python", "from ldm_pipeline import LatentDiffusionPipeline", "",
@@ -182,7 +191,7 @@ def write_model_card(
             + ("every stage trained from scratch." if not used_bases else "starting from " + ", ".join(used_bases) + "."),
             ""]
     if is_pipeline:
-        body.append(usage_section(hub_model_id or str(directory)))
+        body.append(usage_section(hub_model_id or display_path(directory)))
     if summaries:
         body += ["## Training", ""] + [stage_section(s, base_models.get(s["stage"])) for s in summaries]
     if eval_report is not None:
