@@ -23,6 +23,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
+	$(PY) benchmarks/bench_utilisation.py
 	$(PY) benchmarks/bench_shapes.py
 	$(PY) benchmarks/bench_unet_training.py
 	$(PY) benchmarks/bench_unet_training.py --size gpu --steps 5 --batch_size 8 --check

@@ -1,0 +1,186 @@
+"""How close each stage's step runs to what this machine can do: FLOPs counted, time measured, ratio to peak.
+
+    python benchmarks/bench_utilisation.py [--size demo] [--steps 20] [--threads N]
+
+For every stage of ``configs/<size>`` (random weights: only the sizes matter for speed) it counts the floating-point
+operations of one training step (forward, backward and AdamW; ``torch.utils.flop_counter.FlopCounterMode``, which
+counts matrix multiplications and convolutions) and of one sampling step (a classifier-free-guided U-Net call on
+the conditional and unconditional batch), times ``--steps`` steps after warm-up, and prints GFLOP per image,
+images per second, achieved GFLOP/s and its share of the machine's peak. The peak is measured in the same run:
+the best of several 2048 x 2048 fp32 matrix products (2 n^3 FLOPs each) with the same thread count.
+
+Rows: the text encoder's contrastive step, the VAE's autoencoder step (L1 + KL; the PatchGAN is off in the demo),
+the U-Net's step on cached latents and text states, the same step with the VAE and text encoder run every step
+(the reference loop), and one sampling step at batch 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ldm_pipeline.data.shapes import ShapesDataset
+from ldm_pipeline.diffusion import build_noise_scheduler
+from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
+from ldm_pipeline.text_encoder import build_contrastive_model, contrastive_loss, same_caption_matrix, train_tokenizer
+from ldm_pipeline.unet import DenoisingObjective, build_unet
+from ldm_pipeline.vae import build_vae, kl_loss, vae_scale_factor
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK_SIZE = 2048
+
+
+def matmul_peak_gflops(size: int = PEAK_SIZE, repeats: int = 10) -> float:
+    """Best achieved GFLOP/s of an fp32 ``size x size`` matrix product (2 size^3 FLOPs)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _seconds(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def count_flops(step) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def measure(name: str, step, batch: int, steps: int, peak: float) -> dict:
+    """FLOPs of one ``step`` and its median time over ``steps`` steps after two warm-up steps."""
+    flops = count_flops(step)
+    for _ in range(2):
+        step()
+    seconds = statistics.median(_seconds(step) for _ in range(steps))
+    gflops = flops / seconds / 1e9
+    return {"stage": name, "batch": batch, "gflop_per_step": flops / 1e9, "gflop_per_image": flops / batch / 1e9,
+            "seconds_per_step": seconds, "images_per_second": batch / seconds, "gflops": gflops,
+            "share_of_peak": gflops / peak}
+
+
+def training_step(model, loss_fn):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="demo", help="configs/<size>/{text_encoder,vae,unet}.json")
+    parser.add_argument("--steps", type=int, default=20, help="Timed steps per row (the median is reported).")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice).")
+    parser.add_argument("--sampling_batch", type=int, default=16)
+    parser.add_argument("--out", default=None, help="Also write the rows as JSON here.")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    configs = {name: json.loads((REPO / "configs" / args.size / f"{name}.json").read_text())
+               for name in ("text_encoder", "vae", "unet")}
+    peak = matmul_peak_gflops()
+
+    # Stage 1: contrastive step on a batch of captions and images.
+    text_config = configs["text_encoder"]
+    resolution = text_config["data"]["resolution"]
+    shapes = ShapesDataset(512, resolution, seed=0)
+    captions = [shapes[i]["caption"] for i in range(512)]
+    tokenizer_config = text_config["model"].get("tokenizer", {})
+    tokenizer = train_tokenizer(captions, tokenizer_config.get("vocab_size", 512),
+                                tokenizer_config.get("model_max_length", 32))
+    contrastive = build_contrastive_model(text_config["model"], tokenizer).train()
+    batch = text_config["training"]["train_batch_size"]
+    batch_captions = (captions * (batch // len(captions) + 1))[:batch]
+    tokens = tokenize_prompts(tokenizer, batch_captions)
+    images = torch.rand(batch, 3, resolution, resolution) * 2 - 1
+    same = same_caption_matrix(batch_captions)
+
+    def text_loss():
+        text_embeds, image_embeds, scale = contrastive(tokens.input_ids, tokens.attention_mask, images)
+        return contrastive_loss(text_embeds, image_embeds, scale, same)
+
+    rows = [measure("text encoder (contrastive)", training_step(contrastive, text_loss), batch, args.steps, peak)]
+
+    # Stage 2: autoencoder step (L1 + KL).
+    vae_config = configs["vae"]
+    vae_resolution = vae_config["data"]["resolution"]
+    vae = build_vae(vae_config["model"], vae_resolution).train()
+    vae_batch = vae_config["training"]["train_batch_size"]
+    pixels = torch.rand(vae_batch, 3, vae_resolution, vae_resolution) * 2 - 1
+
+    def vae_loss():
+        posterior = vae.encode(pixels).latent_dist
+        return (vae.decode(posterior.sample()).sample - pixels).abs().mean() + 1e-3 * kl_loss(posterior, pixels[0].numel())
+
+    rows.append(measure("VAE (L1 + KL)", training_step(vae, vae_loss), vae_batch, args.steps, peak))
+
+    # Stage 3: denoising step, cached and with the frozen stages every step; one guided sampling step.
+    unet_config = configs["unet"]
+    unet_resolution = unet_config["data"]["resolution"]
+    vae.eval().requires_grad_(False)
+    text_encoder = contrastive.text_encoder.eval().requires_grad_(False)
+    unet = build_unet(unet_config["model"], vae, text_encoder, unet_resolution).train()
+    objective = DenoisingObjective(build_noise_scheduler(unet_config["model"].get("noise_scheduler")),
+                                   snr_gamma=unet_config["training"].get("snr_gamma"))
+    unet_batch = unet_config["training"]["train_batch_size"]
+    factor = vae_scale_factor(vae)
+    latent_shape = (unet_batch, vae.config.latent_channels, unet_resolution // factor, unet_resolution // factor)
+    latents = torch.randn(latent_shape)
+    unet_tokens = tokenize_prompts(tokenizer, (captions * (unet_batch // len(captions) + 1))[:unet_batch])
+    prompt_embeds = encode_prompts(text_encoder, unet_tokens.input_ids, unet_tokens.attention_mask)
+    generator = torch.Generator().manual_seed(0)
+    unet_pixels = torch.rand(unet_batch, 3, unet_resolution, unet_resolution) * 2 - 1
+
+    def cached_loss():
+        return objective(unet, latents, prompt_embeds, generator)
+
+    def reference_loss():
+        with torch.no_grad():
+            fresh = vae.encode(unet_pixels).latent_dist.sample() * vae.config.scaling_factor
+            states = encode_prompts(text_encoder, unet_tokens.input_ids, unet_tokens.attention_mask)
+        return objective(unet, fresh, states, generator)
+
+    step = training_step(unet, cached_loss)
+    rows.append(measure("U-Net, cached latents", step, unet_batch, args.steps, peak))
+    rows.append(measure("U-Net, reference loop", training_step(unet, reference_loss), unet_batch, args.steps, peak))
+
+    unet.eval()
+    sampling_batch = args.sampling_batch
+    noisy = torch.randn(2 * sampling_batch, *latent_shape[1:])
+    states = torch.cat([prompt_embeds[:sampling_batch]] * 2)
+    timestep = torch.tensor(500)
+
+    @torch.inference_mode()
+    def sampling_step():
+        unet(noisy, timestep, encoder_hidden_states=states)
+
+    rows.append(measure("sampling step (guided, cond + uncond)", sampling_step, sampling_batch, args.steps, peak))
+
+    print(f"\nconfigs/{args.size}, torch threads {torch.get_num_threads()}, fp32 matmul peak {peak:.1f} GFLOP/s "
+          f"({PEAK_SIZE}x{PEAK_SIZE}, best of 10)")
+    print(f"{'stage':<40}{'batch':>6}{'GFLOP/img':>11}{'s/step':>9}{'img/s':>9}{'GFLOP/s':>9}{'of peak':>9}")
+    for row in rows:
+        print(f"{row['stage']:<40}{row['batch']:>6}{row['gflop_per_image']:>11.3f}{row['seconds_per_step']:>9.3f}"
+              f"{row['images_per_second']:>9.1f}{row['gflops']:>9.1f}{row['share_of_peak']:>9.0%}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"peak_gflops": peak, "threads": torch.get_num_threads(), "rows": rows},
+                                             indent=2))
+
+
+if __name__ == "__main__":
+    main()
