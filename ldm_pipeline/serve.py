@@ -85,30 +85,29 @@ class GenerationSettings:
         )
 
 
-def parse_int(form: Mapping[str, Any], name: str, default: int | None) -> int | None:
+def parse_number(form: Mapping[str, Any], name: str, default, integer: bool):
+    """``form[name]`` as an int (``integer``) or a finite float; ``default`` when it is absent or blank."""
     value = form.get(name)
     if value is None or (isinstance(value, str) and not value.strip()):
         return default
+    kind = "a whole number" if integer else "a number"
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number, got {value!r}.") from None
-    if not number.is_integer():
+        raise ValueError(f"{name} must be {kind}, got {value!r}.") from None
+    if integer and not number.is_integer():
         raise ValueError(f"{name} must be a whole number, got {value!r}.")
-    return int(number)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    return int(number) if integer else number
+
+
+def parse_int(form: Mapping[str, Any], name: str, default: int | None) -> int | None:
+    return parse_number(form, name, default, integer=True)
 
 
 def parse_float(form: Mapping[str, Any], name: str, default: float) -> float:
-    value = form.get(name)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}.") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {value!r}.")
-    return number
+    return parse_number(form, name, default, integer=False)
 
 
 def parse_seed(value: Any) -> int | None:

@@ -176,14 +176,18 @@ def test_resuming_with_another_config_or_frozen_stage_is_refused(finished_run, s
                                     "--vae", str(stages / "other_vae")))
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped"])
 def test_a_damaged_random_state_file_stops_the_resume(finished_run, stages, tmp_path, damage):
     out = copy_run(finished_run, tmp_path)
     states = out / "checkpoints" / "checkpoint-4" / "random_states_0.pkl"
     if damage == "missing":
         states.unlink()
-    else:
+    elif damage == "truncated":
         states.write_bytes(states.read_bytes()[:20])
+    else:
+        raw = bytearray(states.read_bytes())
+        raw[len(raw) // 3] ^= 0xFF
+        states.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=r"random_states_0.pkl is (missing|damaged)"):
         run_stage("unet", unet_args(stages, out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
 
