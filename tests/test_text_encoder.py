@@ -349,10 +349,11 @@ def test_train_script_on_an_imagefolder(tmp_path):
 
 
 def test_two_process_cpu_launch(tmp_path):
-    """``accelerate launch`` with 2 CPU processes (gloo): 2 steps of the tiny config."""
+    """``accelerate launch --config_file configs/accelerate/cpu_2_processes.yaml``: 2 CPU processes (gloo), 2 steps
+    of the tiny config."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"),
                str(REPO / "training" / "train_text_encoder.py"), "--config", str(TINY["clip"]),
                "--output_dir", str(tmp_path), "--max_train_steps", "2", "--checkpointing_steps", "2"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)

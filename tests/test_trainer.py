@@ -74,3 +74,22 @@ def test_non_finite_loss_is_an_error():
     check_finite_loss(torch.tensor(1.0), 0)
     with pytest.raises(NonFiniteLossError, match="step 5"):
         check_finite_loss(torch.tensor(float("nan")), 5)
+
+
+@pytest.mark.parametrize("name, kind, processes", [
+    ("cpu_2_processes", "MULTI_GPU", 2), ("single_gpu", "NO", 1), ("multi_gpu", "MULTI_GPU", 8),
+    ("fsdp", "FSDP", 8), ("deepspeed_zero2", "DEEPSPEED", 8), ("multi_node", "MULTI_GPU", 16)])
+def test_accelerate_configs_parse_as_accelerate_reads_them(name, kind, processes):
+    """configs/accelerate/*.yaml, as ``accelerate launch --config_file`` loads them (the CPU one is launched by
+    tests/test_text_encoder.py::test_two_process_cpu_launch)."""
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.name == kind and config.num_processes == processes
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 2
