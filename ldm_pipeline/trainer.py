@@ -567,8 +567,19 @@ class StageTrainer:
             self.micro_step += 1
 
     def generator(self) -> torch.Generator:
-        """A CPU generator for the random draws of the current micro-batch (``step_generator``)."""
-        return step_generator(self.args.seed, self.accelerator.process_index, self.micro_step)
+        """The CPU generator of the current micro-batch's random draws (``step_generator``), the same in every
+        process: draws are made for the global batch and each process keeps its rows (``global_rows``)."""
+        return step_generator(self.args.seed, 0, self.micro_step)
+
+    def global_rows(self, local_batch: int) -> tuple[int, slice]:
+        """``(global_batch, rows)``: the size of the batch over all processes and this process's rows of it.
+
+        Accelerate hands process ``p`` of ``n`` the ``p``-th of every ``n`` consecutive batches, so the global batch
+        of a step is the batch of ``n · local_batch`` that one process would see. Drawing the noise for that global
+        batch and keeping ``rows`` makes ``n`` processes of batch ``B`` compute what one process of batch ``n · B``
+        computes (DDP averages their gradients to the same mean)."""
+        index, count = self.accelerator.process_index, self.accelerator.num_processes
+        return local_batch * count, slice(index * local_batch, (index + 1) * local_batch)
 
     def backward(self, loss: torch.Tensor, model: torch.nn.Module) -> None:
         """Stop on a non-finite loss; backpropagate; clip the gradient norm to ``max_grad_norm`` on an update."""

@@ -68,12 +68,16 @@ class DenoisingObjective:
         self.snr_gamma = snr_gamma
         self.noise_offset = noise_offset
 
-    def __call__(self, unet, latents: torch.Tensor, prompt_embeds: torch.Tensor,
-                 generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, unet, latents: torch.Tensor, prompt_embeds: torch.Tensor, generator: torch.Generator,
+                 global_batch: int | None = None, rows: slice | None = None) -> torch.Tensor:
+        """The loss of ``latents`` [B, C, h, w]. ε and t are drawn for a ``global_batch`` (default B) of which these
+        latents are ``rows`` (see ``StageTrainer.global_rows``)."""
         device = latents.device
         alphas_cumprod = self.alphas_cumprod.to(device)
-        noise = sample_noise(latents.shape, generator, self.noise_offset, device=device)
-        timesteps = sample_timesteps(latents.shape[0], self.num_train_timesteps, generator).to(device)
+        global_batch = global_batch or latents.shape[0]
+        rows = rows or slice(0, latents.shape[0])
+        noise = sample_noise((global_batch, *latents.shape[1:]), generator, self.noise_offset, device=device)[rows]
+        timesteps = sample_timesteps(global_batch, self.num_train_timesteps, generator)[rows].to(device)
         noisy_latents = add_noise(latents, noise, timesteps, alphas_cumprod)
         target = training_target(latents, noise, timesteps, alphas_cumprod, self.prediction_type)
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, return_dict=False)[0]

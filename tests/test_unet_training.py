@@ -4,6 +4,9 @@ loadable pipeline, exact resume, cache reuse and invalidation, cache == referenc
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +212,21 @@ def test_t5_text_encoder_stage(stages, tmp_path):
     pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "out")
     assert isinstance(pipe.text_encoder, T5EncoderModel)
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.d_model
+
+
+def test_two_processes_of_batch_b_train_as_one_process_of_batch_2b(stages, tmp_path):
+    """Noise, timesteps and caption dropout are drawn for the global batch and each process keeps its rows, so 2
+    CPU processes (gloo) of batch 4 give the losses and weights of 1 process of batch 8 (to float tolerance)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_stage("unet", base_args(stages, one, "--max_train_steps", "3", "--train_batch_size", "8"))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"), str(REPO / "training" / "train_unet.py"),
+               *base_args(stages, two, "--max_train_steps", "3", "--train_batch_size", "4")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "batch 4 x 2 processes" in result.stdout
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-4)
+    for name, tensor in load_file(str(one / "unet" / "diffusion_pytorch_model.safetensors")).items():
+        other = load_file(str(two / "unet" / "diffusion_pytorch_model.safetensors"))[name]
+        torch.testing.assert_close(other, tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -116,16 +116,18 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
                 mean, std = posterior.mean, posterior.std
-            latents = sample_latents(mean, std, torch.randn(mean.shape, generator=generator).to(device),
-                                     vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
-            dropped = caption_dropout_mask(latents.shape[0], args.caption_dropout_prob, generator).to(device)
+            global_batch, rows = trainer.global_rows(mean.shape[0])
+            latent_noise = torch.randn((global_batch, *mean.shape[1:]), generator=generator)[rows]
+            latents = sample_latents(mean, std, latent_noise.to(device), vae.config.scaling_factor,
+                                     getattr(vae.config, "shift_factor", None))
+            dropped = caption_dropout_mask(global_batch, args.caption_dropout_prob, generator)[rows].to(device)
             if use_cache:
                 prompt_embeds = torch.where(dropped[:, None, None], empty_embeds, batch["prompt_embeds"])
             else:
                 tokens = tokenize_prompts(tokenizer, ["" if drop else caption for caption, drop
                                                       in zip(batch["captions"], dropped.tolist())])
                 prompt_embeds = encode_prompts(text_encoder, tokens.input_ids, tokens.attention_mask)
-            loss = objective(unet, latents, prompt_embeds, generator)
+            loss = objective(unet, latents, prompt_embeds, generator, global_batch, rows)
             trainer.backward(loss, unet)
             optimizer.step()
             lr_scheduler.step()
