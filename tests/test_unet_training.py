@@ -214,19 +214,32 @@ def test_t5_text_encoder_stage(stages, tmp_path):
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.d_model
 
 
-def test_two_processes_of_batch_b_train_as_one_process_of_batch_2b(stages, tmp_path):
-    """Noise, timesteps and caption dropout are drawn for the global batch and each process keeps its rows, so 2
-    CPU processes (gloo) of batch 4 give the losses and weights of 1 process of batch 8 (to float tolerance)."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_stage("unet", base_args(stages, one, "--max_train_steps", "3", "--train_batch_size", "8"))
+def launch_two_processes(argv: list[str]) -> str:
+    """``training/train_unet.py`` with ``argv`` on 2 CPU processes (``configs/accelerate/cpu_2_processes.yaml``)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"), str(REPO / "training" / "train_unet.py"),
-               *base_args(stages, two, "--max_train_steps", "3", "--train_batch_size", "4")]
+               *argv]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "batch 4 x 2 processes" in result.stdout
+    return result.stdout
+
+
+def test_two_processes_of_batch_b_train_as_one_process_of_batch_2b_and_resume_exactly(stages, tmp_path):
+    """Noise, timesteps and caption dropout are drawn for the global batch and each process keeps its rows, so 2
+    CPU processes (gloo) of batch 4 give the losses and weights of 1 process of batch 8 (to float tolerance); and a
+    2-process run stopped at step 2 and resumed gives the losses of the uninterrupted one."""
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    run_stage("unet", base_args(stages, one, "--max_train_steps", "4", "--train_batch_size", "8"))
+    output = launch_two_processes(base_args(stages, two, "--max_train_steps", "4", "--train_batch_size", "4"))
+    assert "batch 4 x 2 processes" in output
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-4)
+    launch_two_processes(base_args(stages, resumed, "--max_train_steps", "2", "--train_batch_size", "4",
+                                   "--checkpointing_steps", "2"))
+    assert (resumed / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").is_file()
+    launch_two_processes(base_args(stages, resumed, "--max_train_steps", "4", "--train_batch_size", "4",
+                                   "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"))
+    assert losses(resumed) == losses(two)
     for name, tensor in load_file(str(one / "unet" / "diffusion_pytorch_model.safetensors")).items():
         other = load_file(str(two / "unet" / "diffusion_pytorch_model.safetensors"))[name]
         torch.testing.assert_close(other, tensor, rtol=1e-4, atol=1e-5, msg=name)
