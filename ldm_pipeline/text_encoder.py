@@ -357,6 +357,31 @@ def retrieval_accuracy(
     return metrics
 
 
+def gather_batch(accelerator, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
+                 captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The embeddings and captions of the global batch (every process's, in process order), with this process's
+    own rows kept in the autograd graph (the others are copies without gradient).
+
+    Every process then computes the contrastive loss L of the whole global batch, so the negatives of a caption are
+    all n·B images, as with one process of batch n·B. Process p's gradient covers only the paths through its own
+    rows; DDP averages the n gradients, so the loss to backpropagate is n · L (``StageTrainer.backward`` of
+    ``loss * num_processes``), whose averaged gradient is the gradient of L (Radford et al. 2021, arXiv:2103.00020,
+    sec. 2.5: the similarity matrix over the global batch).
+    """
+    from accelerate.utils import gather, gather_object
+
+    count, index = accelerator.num_processes, accelerator.process_index
+    if count == 1:
+        return text_embeds, image_embeds, list(captions)
+    local = len(captions)
+
+    def with_own_rows(tensor: torch.Tensor) -> torch.Tensor:
+        everyone = gather(tensor.detach().contiguous())  # [n·B, D]
+        return torch.cat([everyone[: index * local], tensor, everyone[(index + 1) * local:]])
+
+    return with_own_rows(text_embeds), with_own_rows(image_embeds), list(gather_object(list(captions)))
+
+
 @torch.no_grad()
 def evaluate_retrieval(model: TextImageContrastiveModel, tokenizer, dataloader, device) -> dict:
     """Held-out text-to-image retrieval: every caption ranks every held-out image (see ``retrieval_accuracy``)."""

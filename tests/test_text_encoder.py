@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -349,16 +350,23 @@ def test_train_script_on_an_imagefolder(tmp_path):
 
 
 def test_two_process_cpu_launch(tmp_path):
-    """``accelerate launch --config_file configs/accelerate/cpu_2_processes.yaml``: 2 CPU processes (gloo), 2 steps
-    of the tiny config."""
+    """``accelerate launch --config_file configs/accelerate/cpu_2_processes.yaml``: 2 CPU processes (gloo) of batch
+    8 compute the contrastive loss over the global batch, so they train as 1 process of batch 16 does."""
+    two, one = tmp_path / "two", tmp_path / "one"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"),
                str(REPO / "training" / "train_text_encoder.py"), "--config", str(TINY["clip"]),
-               "--output_dir", str(tmp_path), "--max_train_steps", "2", "--checkpointing_steps", "2"]
+               "--output_dir", str(two), "--max_train_steps", "3", "--checkpointing_steps", "3",
+               "--train_batch_size", "8"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "x 2 processes" in result.stdout
+    assert "batch 8 x 2 processes" in result.stdout
     assert result.stdout.count("retrieval top1=") == 1, "only the main process reports"
-    assert (tmp_path / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").is_file()
-    check_saved_stage(tmp_path, CLIPTextModel)
+    assert (two / "checkpoints" / "checkpoint-3" / "random_states_1.pkl").is_file()
+    check_saved_stage(two, CLIPTextModel)
+    run_stage("text_encoder", ["--config", str(TINY["clip"]), "--output_dir", str(one), "--max_train_steps", "3",
+                               "--checkpointing_steps", "3", "--train_batch_size", "16"])
+    history = {path: [json.loads(line)["loss"] for line in (path / "train_log.jsonl").read_text().splitlines()
+                      if '"loss"' in line] for path in (one, two)}
+    np.testing.assert_allclose(history[two], history[one], rtol=1e-4)

@@ -28,6 +28,7 @@ from ldm_pipeline.text_encoder import (
     build_contrastive_model,
     contrastive_loss,
     evaluate_retrieval,
+    gather_batch,
     load_pretrained_text_encoder,
     same_caption_matrix,
     save_text_projection,
@@ -109,8 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
             tokens = tokenize_prompts(tokenizer, batch["captions"])
             text_embeds, image_embeds, logit_scale = model(tokens["input_ids"].to(device),
                                                            tokens["attention_mask"].to(device), batch["pixel_values"])
-            loss = contrastive_loss(text_embeds, image_embeds, logit_scale, same_caption_matrix(batch["captions"]))
-            trainer.backward(loss, model)
+            text_embeds, image_embeds, captions = gather_batch(trainer.accelerator, text_embeds, image_embeds,
+                                                               batch["captions"])
+            loss = contrastive_loss(text_embeds, image_embeds, logit_scale, same_caption_matrix(captions))
+            trainer.backward(loss * trainer.accelerator.num_processes, model)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
