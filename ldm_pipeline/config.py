@@ -206,10 +206,6 @@ class StageConfig:
     data: DataConfig
     path: str | None = None
 
-    def to_dict(self) -> dict:
-        return {"model": self.model, "training": dataclasses.asdict(self.training),
-                "data": dataclasses.asdict(self.data)}
-
     def fingerprint(self) -> dict:
         """What defines the trained result: the model section and every field not marked ``run_only``."""
         return {"stage": self.stage, "model": self.model,

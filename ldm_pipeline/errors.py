@@ -19,8 +19,13 @@ import sys
 from typing import Callable, Sequence
 
 VERBOSE_FLAG = "--verbose"
-USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError, FileExistsError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+OS_ADVICE = {
+    errno.ENOSPC: "free disk space, then run the same command again",
+    errno.EACCES: "choose a writable location",
+    errno.EPERM: "choose a writable location",
+    errno.EROFS: "choose a writable location",
+}
 
 
 class ConfigError(ValueError):
@@ -28,18 +33,18 @@ class ConfigError(ValueError):
 
 
 def describe_os_error(error: OSError) -> str:
-    """A message for an ``OSError`` that says which resource failed and what to do about it."""
+    """``REASON (FILE): ADVICE.`` for an ``OSError``: the system's reason (or the project's own message), the file,
+    and what to do when the message does not say it already."""
+    reason = error.strerror or str(error)
     where = f" ({error.filename})" if getattr(error, "filename", None) else ""
-    if error.errno == errno.ENOSPC:
-        return f"No space left on device{where}: free disk space, then run the same command again."
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"Cannot write{where}: permission denied or read-only file system. Choose a writable location."
-    return f"{error.strerror or error}{where}"
+    advice = OS_ADVICE.get(error.errno)
+    if advice is None or advice.split(",")[0] in reason:
+        return f"{reason}{where}"
+    return f"{reason}{where}: {advice}."
 
 
 def is_disk_full(error: BaseException) -> bool:
-    """True when ``error`` (or an exception it was raised from) is a full disk, also when PyTorch's serializer
-    only reports it as ``unexpected pos``."""
+    """True when ``error`` (or an exception it was raised from) is a full disk."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -51,15 +56,12 @@ def is_disk_full(error: BaseException) -> bool:
 
 def error_line(error: BaseException) -> str:
     """The one line printed for ``error``."""
-    if is_disk_full(error):
-        return "No space left on device while writing: free disk space, then resume the same command " \
-               "(finished checkpoints and cache shards are kept)."
-    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if isinstance(error, OSError) and error.errno in OS_ADVICE:
         return describe_os_error(error)
-    message = str(error).strip() or type(error).__name__
-    if isinstance(error, KeyError) and message.startswith(("'", '"')):
-        message = message[1:-1]
-    first_line = " ".join(message.splitlines())
+    if is_disk_full(error):
+        return ("No space left on device while writing: free disk space, then resume the same command (finished "
+                "checkpoints are kept).")
+    first_line = " ".join((str(error).strip() or type(error).__name__).splitlines())
     if isinstance(error, USER_ERRORS + (OSError,)):
         return first_line
     return f"{type(error).__name__}: {first_line}"

@@ -442,9 +442,8 @@ class StageTrainer:
                              "(--mixed_precision no).")
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         set_seed(args.seed)
-        if self.accelerator.is_main_process:
-            check_writable(self.output_dir, "--output_dir")
-            self._check_fresh_run()
+        check_writable(self.output_dir, "--output_dir")  # every process checks: none is left waiting for one
+        self._check_fresh_run()                          # that stopped with an error
         self.accelerator.wait_for_everyone()
         self.global_step = 0
         self.start_step = 0
@@ -478,7 +477,8 @@ class StageTrainer:
         if self.args.overwrite_output_dir:
             self.print(f"--overwrite_output_dir: deleting {len(existing)} checkpoint(s) of an earlier run in "
                        f"{checkpoints_dir(self.output_dir)}.")
-            shutil.rmtree(checkpoints_dir(self.output_dir))
+            if self.is_main_process:
+                shutil.rmtree(checkpoints_dir(self.output_dir))
             return
         raise FileExistsError(f"{checkpoints_dir(self.output_dir)} holds checkpoints of an earlier run "
                               f"({existing[-1].name}): pass --resume_from_checkpoint latest to continue it, a new "

@@ -302,3 +302,30 @@ def test_an_image_edited_with_the_same_size_and_time_changes_the_data_fingerprin
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert image.stat().st_size == stat.st_size and image.stat().st_mtime_ns == stat.st_mtime_ns
     assert dataset_fingerprint(data) != before
+
+
+@pytest.mark.parametrize("error, line", [
+    (PermissionError(errno.EACCES, "--output_dir out is not writable (Not a directory): choose a writable location"),
+     "--output_dir out is not writable (Not a directory): choose a writable location"),
+    (PermissionError(errno.EACCES, "Permission denied", "/read-only/out"),
+     "Permission denied (/read-only/out): choose a writable location."),
+    (OSError(errno.ENOSPC, "No space left on device", "ckpt"),
+     "No space left on device (ckpt): free disk space, then run the same command again."),
+    (KeyError("x"), "KeyError: 'x'"),
+])
+def test_the_error_line_keeps_the_message_and_adds_advice_only_when_missing(error, line):
+    from ldm_pipeline.errors import error_line
+
+    assert error_line(error) == line
+
+
+def test_a_full_disk_behind_another_error_is_named():
+    from ldm_pipeline.errors import error_line
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as cause:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from cause
+    except RuntimeError as error:
+        assert error_line(error).startswith("No space left on device while writing")

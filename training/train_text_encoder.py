@@ -54,10 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_stage_config("text_encoder", argv, __doc__)
     args, data = config.training, config.data
     if args.pretrained_text_encoder:
-        state = PartialState()
-        metrics = {}
-        if state.is_main_process:
-            metrics = copy_pretrained(args.pretrained_text_encoder, check_writable(args.output_dir, "--output_dir"))
+        state, output_dir = PartialState(), check_writable(args.output_dir, "--output_dir")
+        metrics = copy_pretrained(args.pretrained_text_encoder, output_dir) if state.is_main_process else {}
         state.wait_for_everyone()
         return metrics
     trainer = StageTrainer(config)
