@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
+from ldm_pipeline.trainer import atomic_file
 
 CACHE_FORMAT_VERSION = "2"
 
@@ -44,11 +45,7 @@ def fingerprint_model(model: torch.nn.Module) -> str:
         config_dict = dict(config) if not hasattr(config, "to_dict") else config.to_dict()
         config_dict = {k: v for k, v in config_dict.items() if not k.startswith("_") and k != "transformers_version"}
         digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+    return hash_tensors(model.state_dict(), digest)
 
 
 def fingerprint_tokenizer(tokenizer) -> str:
@@ -71,11 +68,12 @@ def cache_key(frozen_fingerprints: dict[str, str], data_key: str) -> str:
 TENSOR_NAMES = ("latent_mean", "latent_std", "caption_ids", "text_embeds", "empty_embeds")
 
 
-def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of ``tensors``."""
-    digest = hashlib.sha256()
+def hash_tensors(tensors: dict[str, torch.Tensor], digest=None) -> str:
+    """SHA-256 (continuing ``digest`` when given) over the names, dtypes, shapes and bytes of ``tensors``, in name
+    order."""
+    digest = digest or hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
+        tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
@@ -101,15 +99,10 @@ class LatentCache:
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temporary file, fsync, rename) so that an interrupted write is never reused, with a
         SHA-256 checksum of the tensors so that a file damaged later is never used either."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = self.tensors()
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        save_file(tensors, str(partial), metadata={"key": self.key, "format_version": CACHE_FORMAT_VERSION,
-                                                   "sha256": tensors_checksum(tensors)})
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(partial, path)
+        with atomic_file(path) as partial:
+            save_file(tensors, str(partial), metadata={"key": self.key, "format_version": CACHE_FORMAT_VERSION,
+                                                       "sha256": hash_tensors(tensors)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, key: str) -> "LatentCache":
@@ -119,7 +112,7 @@ class LatentCache:
         if metadata.get("key") != key:
             raise ValueError(f"Cache {path} was computed for other inputs (key {metadata.get('key')} != {key}).")
         tensors = load_file(str(path))
-        if tensors_checksum(tensors) != metadata.get("sha256"):
+        if hash_tensors(tensors) != metadata.get("sha256"):
             raise ValueError(f"Cache {path} is damaged: its checksum does not match its tensors.")
         return cls(**tensors, key=key)
 
