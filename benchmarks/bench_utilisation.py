@@ -17,6 +17,7 @@ the U-Net's step on cached latents and text states, the same step with the VAE a
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -80,20 +81,13 @@ def training_step(model, loss_fn):
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="demo", help="configs/<size>/{text_encoder,vae,unet}.json")
-    parser.add_argument("--steps", type=int, default=20, help="Timed steps per row (the median is reported).")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice).")
-    parser.add_argument("--sampling_batch", type=int, default=16)
-    parser.add_argument("--out", default=None, help="Also write the rows as JSON here.")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def stage_steps(size: str, sampling_batch: int = 16, batch: int | None = None) -> list[tuple[str, object, int]]:
+    """``(name, step, batch)`` for each row: one training step of every stage of ``configs/<size>`` (random
+    weights), the U-Net step both cached and with the frozen stages run every step, and one guided sampling step.
+    ``batch`` replaces the configs' batch sizes (FLOPs per image do not depend on it)."""
     torch.manual_seed(0)
-    configs = {name: json.loads((REPO / "configs" / args.size / f"{name}.json").read_text())
+    configs = {name: json.loads((REPO / "configs" / size / f"{name}.json").read_text())
                for name in ("text_encoder", "vae", "unet")}
-    peak = matmul_peak_gflops()
 
     # Stage 1: contrastive step on a batch of captions and images.
     text_config = configs["text_encoder"]
@@ -104,42 +98,42 @@ def main() -> None:
     tokenizer = train_tokenizer(captions, tokenizer_config.get("vocab_size", 512),
                                 tokenizer_config.get("model_max_length", 32))
     contrastive = build_contrastive_model(text_config["model"], tokenizer).train()
-    batch = text_config["training"]["train_batch_size"]
-    batch_captions = (captions * (batch // len(captions) + 1))[:batch]
+    text_batch = batch or text_config["training"]["train_batch_size"]
+    batch_captions = (captions * (text_batch // len(captions) + 1))[:text_batch]
     tokens = tokenize_prompts(tokenizer, batch_captions)
-    images = torch.rand(batch, 3, resolution, resolution) * 2 - 1
+    images = torch.rand(text_batch, 3, resolution, resolution) * 2 - 1
     same = same_caption_matrix(batch_captions)
 
     def text_loss():
         text_embeds, image_embeds, scale = contrastive(tokens.input_ids, tokens.attention_mask, images)
         return contrastive_loss(text_embeds, image_embeds, scale, same)
 
-    rows = [measure("text encoder (contrastive)", training_step(contrastive, text_loss), batch, args.steps, peak)]
+    rows = [("text encoder (contrastive)", training_step(contrastive, text_loss), text_batch)]
 
     # Stage 2: autoencoder step (L1 + KL).
     vae_config = configs["vae"]
     vae_resolution = vae_config["data"]["resolution"]
     vae = build_vae(vae_config["model"], vae_resolution).train()
-    vae_batch = vae_config["training"]["train_batch_size"]
+    vae_batch = batch or vae_config["training"]["train_batch_size"]
     pixels = torch.rand(vae_batch, 3, vae_resolution, vae_resolution) * 2 - 1
 
     def vae_loss():
         posterior = vae.encode(pixels).latent_dist
         return (vae.decode(posterior.sample()).sample - pixels).abs().mean() + 1e-3 * kl_loss(posterior, pixels[0].numel())
 
-    rows.append(measure("VAE (L1 + KL)", training_step(vae, vae_loss), vae_batch, args.steps, peak))
+    rows.append(("VAE (L1 + KL)", training_step(vae, vae_loss), vae_batch))
 
     # Stage 3: denoising step, cached and with the frozen stages every step; one guided sampling step.
     unet_config = configs["unet"]
     unet_resolution = unet_config["data"]["resolution"]
-    vae.eval().requires_grad_(False)
-    text_encoder = contrastive.text_encoder.eval().requires_grad_(False)
-    unet = build_unet(unet_config["model"], vae, text_encoder, unet_resolution).train()
+    frozen_vae = copy.deepcopy(vae).eval().requires_grad_(False)
+    text_encoder = copy.deepcopy(contrastive.text_encoder).eval().requires_grad_(False)
+    unet = build_unet(unet_config["model"], frozen_vae, text_encoder, unet_resolution).train()
     objective = DenoisingObjective(build_noise_scheduler(unet_config["model"].get("noise_scheduler")),
                                    snr_gamma=unet_config["training"].get("snr_gamma"))
-    unet_batch = unet_config["training"]["train_batch_size"]
-    factor = vae_scale_factor(vae)
-    latent_shape = (unet_batch, vae.config.latent_channels, unet_resolution // factor, unet_resolution // factor)
+    unet_batch = batch or unet_config["training"]["train_batch_size"]
+    factor = vae_scale_factor(frozen_vae)
+    latent_shape = (unet_batch, frozen_vae.config.latent_channels, unet_resolution // factor, unet_resolution // factor)
     latents = torch.randn(latent_shape)
     unet_tokens = tokenize_prompts(tokenizer, (captions * (unet_batch // len(captions) + 1))[:unet_batch])
     prompt_embeds = encode_prompts(text_encoder, unet_tokens.input_ids, unet_tokens.attention_mask)
@@ -151,25 +145,42 @@ def main() -> None:
 
     def reference_loss():
         with torch.no_grad():
-            fresh = vae.encode(unet_pixels).latent_dist.sample() * vae.config.scaling_factor
+            fresh = frozen_vae.encode(unet_pixels).latent_dist.sample() * frozen_vae.config.scaling_factor
             states = encode_prompts(text_encoder, unet_tokens.input_ids, unet_tokens.attention_mask)
         return objective(unet, fresh, states, generator)
 
-    step = training_step(unet, cached_loss)
-    rows.append(measure("U-Net, cached latents", step, unet_batch, args.steps, peak))
-    rows.append(measure("U-Net, reference loop", training_step(unet, reference_loss), unet_batch, args.steps, peak))
+    unet_step = training_step(unet, cached_loss)
+    rows.append(("U-Net, cached latents", unet_step, unet_batch))
+    rows.append(("U-Net, reference loop", training_step(unet, reference_loss), unet_batch))
 
-    unet.eval()
-    sampling_batch = args.sampling_batch
+    sampling_batch = min(sampling_batch, unet_batch)
     noisy = torch.randn(2 * sampling_batch, *latent_shape[1:])
     states = torch.cat([prompt_embeds[:sampling_batch]] * 2)
     timestep = torch.tensor(500)
 
     @torch.inference_mode()
     def sampling_step():
+        unet.eval()
         unet(noisy, timestep, encoder_hidden_states=states)
+        unet.train()
 
-    rows.append(measure("sampling step (guided, cond + uncond)", sampling_step, sampling_batch, args.steps, peak))
+    rows.append(("sampling step (guided, cond + uncond)", sampling_step, sampling_batch))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="demo", help="configs/<size>/{text_encoder,vae,unet}.json")
+    parser.add_argument("--steps", type=int, default=20, help="Timed steps per row (the median is reported).")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice).")
+    parser.add_argument("--sampling_batch", type=int, default=16)
+    parser.add_argument("--out", default=None, help="Also write the rows as JSON here.")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = matmul_peak_gflops()
+    rows = [measure(name, step, batch, args.steps, peak)
+            for name, step, batch in stage_steps(args.size, args.sampling_batch)]
 
     print(f"\nconfigs/{args.size}, torch threads {torch.get_num_threads()}, fp32 matmul peak {peak:.1f} GFLOP/s "
           f"({PEAK_SIZE}x{PEAK_SIZE}, best of 10)")
