@@ -69,8 +69,8 @@ def measure(name: str, step, batch: int, steps: int, peak: float) -> dict:
             "share_of_peak": gflops / peak}
 
 
-def training_step(model, loss_fn):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def training_step(model, loss_fn, optimizer_options: dict | None = None):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **(optimizer_options or {}))
 
     def step():
         loss = loss_fn()
@@ -81,10 +81,25 @@ def training_step(model, loss_fn):
     return step
 
 
-def stage_steps(size: str, sampling_batch: int = 16, batch: int | None = None) -> list[tuple[str, object, int]]:
+def stage_steps(size: str, sampling_batch: int = 16, batch: int | None = None, optimizer_options: dict | None = None,
+                channels_last: bool = False, compile_models: bool = False) -> list[tuple[str, object, int]]:
     """``(name, step, batch)`` for each row: one training step of every stage of ``configs/<size>`` (random
     weights), the U-Net step both cached and with the frozen stages run every step, and one guided sampling step.
-    ``batch`` replaces the configs' batch sizes (FLOPs per image do not depend on it)."""
+    ``batch`` replaces the configs' batch sizes (FLOPs per image do not depend on it); ``optimizer_options`` go to
+    AdamW (``foreach``, ``fused``); ``channels_last`` stores the convolutional models' weights and image/latent
+    inputs in NHWC order; ``compile_models`` wraps the trained models in ``torch.compile``."""
+
+    def train_step(model, loss_fn):
+        return training_step(model, loss_fn, optimizer_options)
+
+    def layout(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.contiguous(memory_format=torch.channels_last) if channels_last else tensor
+
+    def trained(model):
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return torch.compile(model) if compile_models else model
+
     torch.manual_seed(0)
     configs = {name: json.loads((REPO / "configs" / size / f"{name}.json").read_text())
                for name in ("text_encoder", "vae", "unet")}
@@ -98,30 +113,32 @@ def stage_steps(size: str, sampling_batch: int = 16, batch: int | None = None) -
     tokenizer = train_tokenizer(captions, tokenizer_config.get("vocab_size", 512),
                                 tokenizer_config.get("model_max_length", 32))
     contrastive = build_contrastive_model(text_config["model"], tokenizer).train()
+    contrastive_forward = trained(contrastive)
     text_batch = batch or text_config["training"]["train_batch_size"]
     batch_captions = (captions * (text_batch // len(captions) + 1))[:text_batch]
     tokens = tokenize_prompts(tokenizer, batch_captions)
-    images = torch.rand(text_batch, 3, resolution, resolution) * 2 - 1
+    images = layout(torch.rand(text_batch, 3, resolution, resolution) * 2 - 1)
     same = same_caption_matrix(batch_captions)
 
     def text_loss():
-        text_embeds, image_embeds, scale = contrastive(tokens.input_ids, tokens.attention_mask, images)
+        text_embeds, image_embeds, scale = contrastive_forward(tokens.input_ids, tokens.attention_mask, images)
         return contrastive_loss(text_embeds, image_embeds, scale, same)
 
-    rows = [("text encoder (contrastive)", training_step(contrastive, text_loss), text_batch)]
+    rows = [("text encoder (contrastive)", train_step(contrastive, text_loss), text_batch)]
 
     # Stage 2: autoencoder step (L1 + KL).
     vae_config = configs["vae"]
     vae_resolution = vae_config["data"]["resolution"]
     vae = build_vae(vae_config["model"], vae_resolution).train()
+    vae_forward = trained(vae)
     vae_batch = batch or vae_config["training"]["train_batch_size"]
-    pixels = torch.rand(vae_batch, 3, vae_resolution, vae_resolution) * 2 - 1
+    pixels = layout(torch.rand(vae_batch, 3, vae_resolution, vae_resolution) * 2 - 1)
 
     def vae_loss():
-        posterior = vae.encode(pixels).latent_dist
-        return (vae.decode(posterior.sample()).sample - pixels).abs().mean() + 1e-3 * kl_loss(posterior, pixels[0].numel())
+        posterior = vae_forward.encode(pixels).latent_dist
+        return (vae_forward.decode(posterior.sample()).sample - pixels).abs().mean() + 1e-3 * kl_loss(posterior, pixels[0].numel())
 
-    rows.append(("VAE (L1 + KL)", training_step(vae, vae_loss), vae_batch))
+    rows.append(("VAE (L1 + KL)", train_step(vae, vae_loss), vae_batch))
 
     # Stage 3: denoising step, cached and with the frozen stages every step; one guided sampling step.
     unet_config = configs["unet"]
@@ -129,39 +146,39 @@ def stage_steps(size: str, sampling_batch: int = 16, batch: int | None = None) -
     frozen_vae = copy.deepcopy(vae).eval().requires_grad_(False)
     text_encoder = copy.deepcopy(contrastive.text_encoder).eval().requires_grad_(False)
     unet = build_unet(unet_config["model"], frozen_vae, text_encoder, unet_resolution).train()
+    unet_forward = trained(unet)
     objective = DenoisingObjective(build_noise_scheduler(unet_config["model"].get("noise_scheduler")),
                                    snr_gamma=unet_config["training"].get("snr_gamma"))
     unet_batch = batch or unet_config["training"]["train_batch_size"]
     factor = vae_scale_factor(frozen_vae)
     latent_shape = (unet_batch, frozen_vae.config.latent_channels, unet_resolution // factor, unet_resolution // factor)
-    latents = torch.randn(latent_shape)
+    latents = layout(torch.randn(latent_shape))
     unet_tokens = tokenize_prompts(tokenizer, (captions * (unet_batch // len(captions) + 1))[:unet_batch])
     prompt_embeds = encode_prompts(text_encoder, unet_tokens.input_ids, unet_tokens.attention_mask)
     generator = torch.Generator().manual_seed(0)
     unet_pixels = torch.rand(unet_batch, 3, unet_resolution, unet_resolution) * 2 - 1
 
     def cached_loss():
-        return objective(unet, latents, prompt_embeds, generator)
+        return objective(unet_forward, latents, prompt_embeds, generator)
 
     def reference_loss():
         with torch.no_grad():
             fresh = frozen_vae.encode(unet_pixels).latent_dist.sample() * frozen_vae.config.scaling_factor
             states = encode_prompts(text_encoder, unet_tokens.input_ids, unet_tokens.attention_mask)
-        return objective(unet, fresh, states, generator)
+        return objective(unet_forward, layout(fresh), states, generator)
 
-    unet_step = training_step(unet, cached_loss)
-    rows.append(("U-Net, cached latents", unet_step, unet_batch))
-    rows.append(("U-Net, reference loop", training_step(unet, reference_loss), unet_batch))
+    rows.append(("U-Net, cached latents", train_step(unet, cached_loss), unet_batch))
+    rows.append(("U-Net, reference loop", train_step(unet, reference_loss), unet_batch))
 
     sampling_batch = min(sampling_batch, unet_batch)
-    noisy = torch.randn(2 * sampling_batch, *latent_shape[1:])
+    noisy = layout(torch.randn(2 * sampling_batch, *latent_shape[1:]))
     states = torch.cat([prompt_embeds[:sampling_batch]] * 2)
     timestep = torch.tensor(500)
 
     @torch.inference_mode()
     def sampling_step():
         unet.eval()
-        unet(noisy, timestep, encoder_hidden_states=states)
+        unet_forward(noisy, timestep, encoder_hidden_states=states)
         unet.train()
 
     rows.append(("sampling step (guided, cond + uncond)", sampling_step, sampling_batch))
