@@ -127,3 +127,32 @@ def test_posterior_noise_of_a_process_is_its_rows_of_the_global_draw(tmp_path, m
         reconstruction, _ = AutoencoderWithPosterior(vae)(images[4:], noise[1])
     assert not torch.allclose(noise[0], noise[1])
     torch.testing.assert_close(reconstruction, expected[4:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_global_batch_norm_formula_is_batch_norm_2d(monkeypatch, momentum):
+    """The multi-process path of ``GlobalBatchNorm2d`` (explicit sums, here over one process) gives
+    ``nn.BatchNorm2d``'s outputs, gradients and running statistics (unbiased variance, momentum or cumulative
+    average) over three training steps."""
+    import ldm_pipeline.vae as vae_module
+
+    monkeypatch.setattr(vae_module, "num_processes", lambda: 2)
+    monkeypatch.setattr(vae_module, "sum_over_processes", lambda tensor: tensor)
+    reference = torch.nn.BatchNorm2d(5, momentum=momentum)
+    torch.nn.init.normal_(reference.weight, 1.0, 0.3)
+    torch.nn.init.normal_(reference.bias, 0.0, 0.3)
+    norm = vae_module.GlobalBatchNorm2d(5, momentum=momentum)
+    norm.load_state_dict(reference.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = (torch.randn(6, 5, 4, 3, generator=generator) * 2 + 1).requires_grad_()
+        upstream = torch.randn(6, 5, 4, 3, generator=generator)
+        expected = reference(x)
+        expected_grads = torch.autograd.grad((expected * upstream).sum(), [x, reference.weight, reference.bias])
+        got = norm(x)
+        grads = torch.autograd.grad((got * upstream).sum(), [x, norm.weight, norm.bias])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, expected_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for name, buffer in reference.state_dict().items():
+        torch.testing.assert_close(norm.state_dict()[name], buffer, msg=name)
