@@ -8,8 +8,8 @@ Loss (``ldm_pipeline.vae.AutoencoderLoss``): L1 reconstruction (+ LPIPS when --l
 its own optimizer. The posterior noise is drawn for the global batch (every process keeps its rows), the PatchGAN's
 batch norms and the adaptive weight are global, so n processes of batch B train as one process of batch n·B;
 validation and the final save run on the main process, over the whole held-out split. At the end the training set
-is encoded and scaling_factor = 1 / std(latents) is stored in the
-VAE config, so the U-Net stage sees unit-variance latents.
+is encoded and scaling_factor = 1 / std(latents) is stored in the VAE config, so the U-Net stage sees unit-variance
+latents.
 
 Writes OUT/vae (AutoencoderKL, safetensors), OUT/vae_metrics.json (held-out PSNR/SSIM, scaling_factor, ...),
 OUT/reconstructions.png (held-out originals above, reconstructions below), OUT/train_log.jsonl, tensorboard logs
