@@ -4,6 +4,7 @@ The objective is the one of Rombach et al. (2022), "High-Resolution Image Synthe
 Models" (``LPIPSWithDiscriminator`` in the LDM code base), written per pixel value::
 
     L_AE = L_rec + kl_weight * L_KL + disc_factor(step) * lambda * L_G
+    x_hat = decode(z),  z = mean + std * eps,  eps ~ N(0, I)        (a sample of the posterior q(z | x))
     L_rec = mean |x - x_hat|  (+ perceptual_weight * mean LPIPS(x, x_hat) when LPIPS weights are present locally)
     L_KL  = (1 / B) * sum_{b, latent elements} KL(q(z | x_b) || N(0, I)) / D,   D = 3 * H * W pixel values
     L_G   = -mean D_phi(x_hat)                                  (hinge generator loss of a PatchGAN D_phi)
@@ -14,6 +15,11 @@ Models" (``LPIPSWithDiscriminator`` in the LDM code base), written per pixel val
 LDM sums the reconstruction and KL terms over pixels; dividing both by D keeps LDM's ``kl_weight`` (1e-6) and
 the adaptive weight unchanged while the loss reads as a per-pixel L1. LDM's learned output log-variance is fixed
 at its initial value 0. ``disc_factor(step)`` is 0 before ``disc_start`` and 1 from then on.
+
+Every term is the one of the global batch, so ``n`` processes of batch ``B`` train as one process of batch ``n·B``:
+L_rec, L_KL, L_G and L_D are per-sample means, which DDP's gradient average over processes of equal batches turns
+into global means; the PatchGAN's batch norms take their statistics over the global batch (``GlobalBatchNorm2d``);
+the two gradients of lambda are averaged over processes before their norms are taken (``adaptive_weight``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ConfigMixin, ModelMixin
@@ -147,7 +154,78 @@ def build_vae(model_config: dict, resolution: int | None = None) -> AutoencoderK
     return AutoencoderKL(**kwargs)
 
 
+# ----------------------------------------------------------------------------------------------- processes
+
+
+def num_processes() -> int:
+    """The number of processes of the ``torch.distributed`` run this process belongs to (1 outside one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """y = sum_p x_p on every process p. Every y depends on every x_q, so the backward pass is the same sum:
+    dx_q = sum_p dy_p (the adjoint of an all-reduce is an all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        grad = grad_output.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """sum_p tensor_p over the processes of a distributed run, differentiable (``tensor`` itself in one process).
+    Every process must call it at the same point."""
+    return _SumOverProcesses.apply(tensor) if num_processes() > 1 else tensor
+
+
+def mean_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """(1 / n) sum_p tensor_p: what DDP makes of n processes' gradients (``tensor`` itself in one process)."""
+    return sum_over_processes(tensor) / num_processes() if num_processes() > 1 else tensor
+
+
 # ----------------------------------------------------------------------------------------------- discriminator
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 1) whose training statistics are
+    those of the global batch, every process's rows together::
+
+        mu_c = sum_{p,n,h,w} x / M,   sigma_c^2 = sum_{p,n,h,w} (x - mu_c)^2 / M,   M = (global batch) * H * W
+        y = (x - mu_c) / sqrt(sigma_c^2 + eps) * gamma_c + beta_c
+
+    and whose running statistics move towards mu and the unbiased M / (M - 1) sigma^2, as in ``nn.BatchNorm2d``.
+    The sums are differentiable (``sum_over_processes``), so the gradient is that of the global batch, as with
+    ``torch.nn.SyncBatchNorm`` (which runs on GPUs only). In a single process, or in eval mode, it is
+    ``nn.BatchNorm2d`` itself: same weights, buffers and outputs.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or num_processes() == 1:
+            return super().forward(input)
+        local_count = input.new_tensor([input.numel() // input.shape[1]])
+        sums = sum_over_processes(torch.cat([input.sum((0, 2, 3)), local_count]))  # [C + 1]
+        count = sums[-1].detach()
+        mean = sums[:-1] / count
+        centred = input - mean.view(1, -1, 1, 1)
+        variance = sum_over_processes(centred.square().sum((0, 2, 3))) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean, momentum)
+                self.running_var.lerp_(variance * count / (count - 1), momentum)
+        output = centred * torch.rsqrt(variance + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            output = output * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return output
+
 
 
 class PatchDiscriminator(ModelMixin, ConfigMixin):
@@ -155,7 +233,8 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
 
     conv4x4/2 -> LeakyReLU(0.2), then ``num_layers - 1`` x [conv4x4/2 -> BatchNorm -> LeakyReLU] with doubling
     channels (capped at 8x), one conv4x4/1 -> BatchNorm -> LeakyReLU, and a conv4x4/1 to one channel. Weights
-    are drawn from N(0, 0.02) (BatchNorm scales from N(1, 0.02)) as in LDM's ``weights_init``.
+    are drawn from N(0, 0.02) (BatchNorm scales from N(1, 0.02)) as in LDM's ``weights_init``. The batch norms are
+    ``GlobalBatchNorm2d``: in a multi-process run every process must call the discriminator at the same point.
     """
 
     @register_to_config
@@ -166,7 +245,7 @@ class PatchDiscriminator(ModelMixin, ConfigMixin):
         for n in range(1, num_layers + 1):
             out_channels = base_channels * min(2**n, 8)
             stride = 2 if n < num_layers else 1
-            layers += [nn.Conv2d(channels, out_channels, 4, stride, 1, bias=False), nn.BatchNorm2d(out_channels),
+            layers += [nn.Conv2d(channels, out_channels, 4, stride, 1, bias=False), GlobalBatchNorm2d(out_channels),
                        nn.LeakyReLU(0.2)]
             channels = out_channels
         layers.append(nn.Conv2d(channels, 1, 4, 1, 1))
@@ -216,10 +295,12 @@ def adaptive_weight(rec_loss: torch.Tensor, generator_loss: torch.Tensor, last_l
         lambda = clamp(||grad_w L_rec|| / (||grad_w L_G|| + 1e-4), 0, 1e4) * disc_weight
 
     with ``w = last_layer`` (the decoder's last conv weight), so the adversarial gradient reaching the decoder's
-    output has the size of the reconstruction gradient.
+    output has the size of the reconstruction gradient. In a run of n processes with equal batches both gradients
+    are first averaged over the processes (``mean_over_processes``, DDP's average of the per-process means), so
+    lambda is the one of the global batch and the same on every process, not a ratio of local gradient norms.
     """
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    generator_grad = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
+    rec_grad = mean_over_processes(torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0])
+    generator_grad = mean_over_processes(torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0])
     weight = rec_grad.norm() / (generator_grad.norm() + ADAPTIVE_WEIGHT_EPS)
     return torch.clamp(weight, 0.0, ADAPTIVE_WEIGHT_MAX).detach() * disc_weight
 
@@ -464,20 +545,35 @@ def latent_statistics(vae: AutoencoderKL, batches: Iterable[torch.Tensor], sampl
 # ----------------------------------------------------------------------------------------------- training helpers
 
 
+def posterior_sample(posterior, noise: torch.Tensor) -> torch.Tensor:
+    """z = mean + std * eps: the reparameterised sample of q(z | x) = N(mean, std^2) (Kingma & Welling 2013,
+    arXiv:1312.6114, eq. 10), Diffusers' ``DiagonalGaussianDistribution.sample`` with the noise given."""
+    return posterior.mean + posterior.std * noise.to(posterior.mean)
+
+
+def global_posterior_noise(trainer, local_batch: int, latent_shape) -> torch.Tensor:
+    """eps ~ N(0, I) of this process's rows of the global batch: ``[n·B, *latent_shape]`` drawn from
+    ``trainer.generator()`` (seeded by the micro step, the same on every process), ``trainer.global_rows`` kept.
+    A sample's noise does not depend on how the batch is split over processes, and exact resume redraws it."""
+    global_batch, rows = trainer.global_rows(local_batch)
+    return torch.randn((global_batch, *latent_shape), generator=trainer.generator())[rows]  # [B, C, h, w]
+
+
 class AutoencoderWithPosterior(nn.Module):
     """``AutoencoderKL`` whose forward returns ``(reconstruction, posterior)``, so that the KL term can be taken
     through one forward call (what DistributedDataParallel needs to synchronise gradients).
 
-    The reconstruction decodes a sample z ~ q(z | x) drawn from the global RNG (restored by exact resume).
+    The reconstruction decodes z = mean + std * ``latent_noise`` (``posterior_sample``); the training script draws
+    the noise with ``global_posterior_noise``.
     """
 
     def __init__(self, vae: AutoencoderKL):
         super().__init__()
         self.vae = vae
 
-    def forward(self, pixel_values: torch.Tensor):
+    def forward(self, pixel_values: torch.Tensor, latent_noise: torch.Tensor):
         posterior = self.vae.encode(pixel_values).latent_dist
-        return self.vae.decode(posterior.sample()).sample, posterior
+        return self.vae.decode(posterior_sample(posterior, latent_noise)).sample, posterior
 
 
 def pixel_batches(dataset, batch_size: int, max_samples: int | None = None) -> Iterable[torch.Tensor]:

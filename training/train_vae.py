@@ -5,8 +5,11 @@
 
 Loss (``ldm_pipeline.vae.AutoencoderLoss``): L1 reconstruction (+ LPIPS when --lpips_weights names a local file)
 + kl_weight · KL, plus from step disc_start a PatchGAN hinge loss with LDM's adaptive weight; the discriminator has
-its own optimizer. At the end the training set is encoded and scaling_factor = 1 / std(latents) is stored in the
-VAE config, so the U-Net stage sees unit-variance latents.
+its own optimizer. The posterior noise is drawn for the global batch (every process keeps its rows), the PatchGAN's
+batch norms and the adaptive weight are global, so n processes of batch B train as one process of batch n·B;
+validation and the final save run on the main process, over the whole held-out split. At the end the training set
+is encoded and scaling_factor = 1 / std(latents) is stored in the VAE config, so the U-Net stage sees unit-variance
+latents.
 
 Writes OUT/vae (AutoencoderKL, safetensors), OUT/vae_metrics.json (held-out PSNR/SSIM, scaling_factor, ...),
 OUT/reconstructions.png (held-out originals above, reconstructions below), OUT/train_log.jsonl, tensorboard logs
@@ -28,6 +31,7 @@ from ldm_pipeline.vae import (
     build_discriminator,
     build_vae,
     decoder_last_layer,
+    global_posterior_noise,
     image_grid,
     latent_statistics,
     load_lpips,
@@ -86,14 +90,16 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.log_metrics(metrics)
         return metrics
 
-    # 4. Training loop: per micro-batch an autoencoder update, then (from disc_start) a discriminator update.
+    # 4. Training loop: per micro-batch an autoencoder update, then (from disc_start) a discriminator update. The
+    #    posterior noise is this process's rows of the global batch's draw.
     trainer.start(num_samples=len(train_dataset), dataset=train_dataset)
     model.train()
     discriminator.train()
     for batch in trainer.batches(train_dataloader, sampler):
         pixel_values, step = batch["pixel_values"], trainer.global_step
+        latent_noise = global_posterior_noise(trainer, pixel_values.shape[0], latent_shape).to(device)
         with trainer.accelerator.accumulate(model, discriminator):
-            reconstruction, posterior = model(pixel_values)
+            reconstruction, posterior = model(pixel_values, latent_noise)
             loss, parts = objective.autoencoder_loss(pixel_values, reconstruction, posterior, last_layer, step)
             trainer.backward(loss, model)
             ae_optimizer.step()
