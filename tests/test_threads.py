@@ -271,3 +271,23 @@ def test_a_stage_writes_its_thread_figures_and_gives_the_count_back(tmp_path, nu
         assert threads["mode"] == "auto" and 1 <= threads["min"] <= threads["initial"] <= threads["max"] <= cap
     assert sum(threads["seconds"].values()) >= metrics["train_seconds_this_run"] - 0.05
     assert torch.get_num_threads() == before
+
+
+def test_the_demo_summary_lists_the_threads_of_each_stage_that_recorded_them(tmp_path):
+    from training import run_demo
+
+    steady = {"mode": "auto", "initial": 2, "final": 2, "min": 2, "max": 2, "changes": 0, "cores": 2,
+              "seconds": {"2": 100.0}}
+    changing = {"mode": "auto", "initial": 2, "final": 1, "min": 1, "max": 2, "changes": 3, "cores": 2,
+                "seconds": {"1": 80.2, "2": 20.1}}
+    dirs = {name: tmp_path / name for name in ("text_encoder", "vae", "unet")}
+    for name, threads in (("text_encoder", steady), ("vae", None), ("unet", changing)):  # vae: trained on a GPU
+        dirs[name].mkdir()
+        metrics = {"train_steps": 10, **({"threads": threads} if threads else {})}
+        (dirs[name] / f"{name}_metrics.json").write_text(json.dumps(metrics))
+    threads = run_demo.stage_threads(dirs)
+    assert threads == {"text_encoder": steady, "unet": changing}
+    summary = {"seconds_per_stage": {}, "total_minutes": 0.0, "text_encoder": {}, "vae": {}, "evaluation": {},
+               "threads": threads, "sample_grid": "grid.png", "pipeline": "pipeline"}
+    assert ("- CPU threads: text encoder 2 (auto, 2 cores); U-Net 2 -> 1 (auto, 2 cores; 1-2 threads, 3 changes; "
+            "seconds at each: 1: 80, 2: 20)") in run_demo.format_summary(summary).splitlines()
