@@ -95,7 +95,8 @@ def train(main, argv: list[str], output_dir: Path) -> dict:
     return {**metrics, "images_per_second": batch / steady_seconds_per_step(output_dir)}
 
 
-def describe_threads(threads: dict) -> str:
+def thread_range(threads: dict) -> str:
+    """``1`` for a count that never changed, else ``2->1 (1-2)``: first -> last (lowest-highest)."""
     low, high = threads["min"], threads["max"]
     return str(low) if low == high else f"{threads['initial']}->{threads['final']} ({low}-{high})"
 
@@ -166,12 +167,13 @@ def main() -> int:
         alone, busy_run = runs["alone"], runs["busy"]
         runs["slowdown"] = alone["images_per_second"] / busy_run["images_per_second"]
         print(f"{row:<26}{alone['images_per_second']:>13.1f}{busy_run['images_per_second']:>12.1f}"
-              f"{runs['slowdown']:>10.2f}x   {describe_threads(alone['threads'])} / "
-              f"{describe_threads(busy_run['threads'])}")
+              f"{runs['slowdown']:>10.2f}x   {thread_range(alone['threads'])} / "
+              f"{thread_range(busy_run['threads'])}")
     auto_rows = {row: runs["slowdown"] for row, runs in results.items() if row.endswith("auto")}
     failed = {row: slowdown for row, slowdown in auto_rows.items() if slowdown > MAX_SLOWDOWN}
     print(f"target: auto under load at most {MAX_SLOWDOWN}x slower than alone: "
-          + ", ".join(f"{row} {slowdown:.2f}x {'FAIL' if row in failed else 'ok'}" for row, slowdown in auto_rows.items()))
+          + ", ".join(f"{row} {slowdown:.2f}x {'FAIL' if row in failed else 'ok'}"
+                      for row, slowdown in auto_rows.items()))
     if options.out:
         Path(options.out).write_text(json.dumps({"other_load": other_load, "busy": busy, "rows": results}, indent=2,
                                                 default=str))
