@@ -109,6 +109,9 @@ class TrainingConfig:
     resume_from_checkpoint: str | None = option(None, 'A checkpoint directory, or "latest" for the newest one in '
                                                       "OUTPUT_DIR/checkpoints.", run_only=True)
     dataloader_num_workers: int = option(0, "DataLoader worker processes.", ge=0, run_only=True)
+    num_threads: int = option(0, "Intra-op CPU threads. 0 (the default): auto, one per core that other processes "
+                                 "leave free, re-checked every few seconds, at most OMP_NUM_THREADS when set; N: "
+                                 "exactly N (runs then agree bit for bit). Ignored on GPUs.", ge=0, run_only=True)
     report_to: str = option("tensorboard", "Trackers: tensorboard, all or none.",
                             choices=("tensorboard", "all", "none"), run_only=True)
     logging_dir: str | None = option(None, "Tensorboard directory (default OUTPUT_DIR/logs).", run_only=True)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ldm_pipeline.config import StageConfig
 from ldm_pipeline.errors import is_disk_full
+from ldm_pipeline.threads import ThreadGovernor
 
 logger = logging.getLogger(__name__)
 
@@ -465,6 +466,8 @@ class StageTrainer:
         self._data_fingerprint: str | None = None
         self.dataset = None
         self.train_seconds = 0.0
+        # CPU only: the intra-op thread count follows the load of other processes (ldm_pipeline.threads).
+        self.threads = ThreadGovernor(args.num_threads) if self.device.type == "cpu" else None
 
     # -- set-up
 
@@ -601,6 +604,8 @@ class StageTrainer:
     def end_micro_step(self, **values: torch.Tensor | float) -> bool:
         """Average ``values`` over processes and accumulation steps; after an optimizer update (True) advance the
         step, update the EMA, log, and save a checkpoint when one is due."""
+        if self.threads is not None:
+            self.threads.maybe_adjust()
         names = sorted(values)
         stacked = torch.stack([torch.as_tensor(values[n], device=self.device).detach().float().reshape(())
                                for n in names])
@@ -683,10 +688,14 @@ class StageTrainer:
             if skipped:
                 metrics["skipped_images"] = getattr(self.dataset, "skipped_images", None)
                 self.print(skipped)
+            if self.threads is not None:
+                metrics["threads"] = self.threads.summary()
             write_json_atomic(self.output_dir / f"{self.stage}_metrics.json", metrics)
             self.write_model_card(card_stage_dirs, base_models)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        if self.threads is not None:
+            self.threads.close()
         return metrics
 
     def write_model_card(self, stage_dirs: dict | None = None, base_models: dict | None = None) -> None:

@@ -17,8 +17,8 @@ passed to every stage. With your own data, every stage holds out the same ``--nu
 (default 200), ``ldm-eval --text_stage`` judges the images generated for those held-out captions with the text
 stage's towers (the shapes scorer only applies to shapes data) and the sample grid shows a dozen of them.
 
-It ends with a summary (time per stage, retrieval accuracy, PSNR, GenEval-style scores, sample grid path),
-printed and written to OUT/summary.json and OUT/summary.md.
+It ends with a summary (time per stage, retrieval accuracy, PSNR, GenEval-style scores, sample grid path, the CPU
+threads each training stage used), printed and written to OUT/summary.json and OUT/summary.md.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ SAMPLE_PROMPTS = [
 
 
 DATA_FIELDS = [field.name for field in dataclasses.fields(DataConfig)]
+STAGE_NAMES = {"text_encoder": "text encoder", "vae": "VAE", "unet": "U-Net"}
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,6 +189,7 @@ def main(argv=None) -> dict:
         "text_encoder": read_json(text_dir / "text_encoder_metrics.json"),
         "vae": read_json(vae_dir / "vae_metrics.json"),
         "evaluation": read_json(eval_dir / "report.json"),
+        "threads": stage_threads({"text_encoder": text_dir, "vae": vae_dir, "unet": pipeline_dir}),
         "sample_grid": str(samples_dir / "grid.png"),
         "pipeline": str(pipeline_dir),
     }
@@ -195,6 +197,25 @@ def main(argv=None) -> dict:
     (out / "summary.md").write_text(format_summary(summary))
     print("\n" + format_summary(summary))
     return summary
+
+
+def stage_threads(stage_dirs: dict[str, Path]) -> dict:
+    """The ``threads`` figures (``ldm_pipeline.threads.ThreadGovernor.summary``) of each training stage that
+    wrote them in its ``<stage>_metrics.json`` (a stage trained on a GPU has none)."""
+    figures = {name: read_json(directory / f"{name}_metrics.json").get("threads") for name, directory in
+               stage_dirs.items()}
+    return {name: threads for name, threads in figures.items() if threads}
+
+
+def describe_threads(threads: dict) -> str:
+    """``2 (auto, 2 cores)`` for a count that never changed, else ``2 -> 1 (auto, 2 cores; 1-2 threads,
+    3 changes; seconds at each: 1: 80, 2: 20)``: the first and last count, the range and the time at each."""
+    setting = f"{threads['mode']}, {threads['cores']} cores"
+    if not threads["changes"]:
+        return f"{threads['initial']} ({setting})"
+    seconds = ", ".join(f"{n}: {s:.0f}" for n, s in threads["seconds"].items())
+    return (f"{threads['initial']} -> {threads['final']} ({setting}; {threads['min']}-{threads['max']} threads, "
+            f"{threads['changes']} changes; seconds at each: {seconds})")
 
 
 def user_data_summary(report: dict) -> list[str]:
@@ -246,6 +267,10 @@ def format_summary(summary: dict) -> str:
             lines.append(f"- scorer's object classifier, held-out accuracy on real renders: {report['classifier_accuracy']:.3f}")
         if report.get("fid") is not None:
             lines.append(f"- FID in the classifier's feature space: {report['fid']:.3f}")
+    threads = summary.get("threads")
+    if threads:
+        lines += ["", "- CPU threads: " + "; ".join(f"{STAGE_NAMES.get(name, name)} {describe_threads(figures)}"
+                                                  for name, figures in threads.items())]
     lines += ["", f"- sample grid: {summary['sample_grid']}", f"- pipeline: {summary['pipeline']}", ""]
     return "\n".join(lines)
 
