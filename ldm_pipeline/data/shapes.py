@@ -230,7 +230,7 @@ def parse_caption(caption: str) -> dict:
 INVERSE_RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def _caption_of(category: str, kinds: list[str], colors: list[str | None], relation: str | None = None) -> str:
+def grammar_caption(category: str, kinds: list[str], colors: list[str | None], relation: str | None = None) -> str:
     """The grammar's caption of these words (articles follow the words: "a red box", "an orange box")."""
     objects = [SceneObject(kind, color or "", (0.0, 0.0, 0.0, 0.0)) for kind, color in zip(kinds, colors)]
     return make_caption(Scene(category, objects, relation))
@@ -276,9 +276,9 @@ def binding_counterpart(caption: str) -> str | None:
         return None
     category, kinds, colors = parsed["category"], parsed["kinds"], parsed["colors"]
     if category == "color_attribution":
-        counterpart = _caption_of(category, kinds, colors[::-1])
+        counterpart = grammar_caption(category, kinds, colors[::-1])
     elif category == "position":
-        counterpart = _caption_of(category, kinds[::-1], colors, parsed["relation"])
+        counterpart = grammar_caption(category, kinds[::-1], colors, parsed["relation"])
     else:
         return None
     return None if canonical_caption(counterpart) == canonical_caption(caption) else counterpart
