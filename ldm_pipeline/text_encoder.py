@@ -9,6 +9,9 @@ where matching caption/image pairs have a high cosine similarity:
     logits_ij = exp(s) · <t_i, v_j>                               s = learnable log logit scale
     loss = ½ · [CE(logits, targets) + CE(logitsᵀ, targetsᵀ)]
 
+With ``hard_negatives`` (NegCLIP, Yuksekgonul et al. 2023, arXiv:2210.01936) each shapes caption with a
+binding/order counterpart adds that counterpart as a text no image matches (`hard_negative_captions`).
+
 Only the text encoder and the tokenizer are used downstream (the U-Net cross-attends to
 ``last_hidden_state``).
 """
