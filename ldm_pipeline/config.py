@@ -134,6 +134,9 @@ class TextEncoderTrainingConfig(TrainingConfig):
                                                        "(Hub name or directory) to OUTPUT_DIR.")
     validation_batch_size: int | None = option(None, "Batch size for held-out retrieval (default: the training "
                                                      "batch size).", gt=0, run_only=True)
+    hard_negatives: bool = option(False, "NegCLIP hard negatives: each shapes caption with a binding/order "
+                                         "counterpart (colours or objects swapped) adds that caption as a text no "
+                                         "image matches. Captions outside the shapes grammar get none.")
 
 
 @dataclass

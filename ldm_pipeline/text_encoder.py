@@ -9,6 +9,9 @@ where matching caption/image pairs have a high cosine similarity:
     logits_ij = exp(s) · <t_i, v_j>                               s = learnable log logit scale
     loss = ½ · [CE(logits, targets) + CE(logitsᵀ, targetsᵀ)]
 
+With ``hard_negatives`` (NegCLIP, Yuksekgonul et al. 2023, arXiv:2210.01936) each shapes caption with a
+binding/order counterpart adds that counterpart as a text no image matches (`hard_negative_captions`).
+
 Only the text encoder and the tokenizer are used downstream (the U-Net cross-attends to
 ``last_hidden_state``).
 """
@@ -38,6 +41,7 @@ from transformers import (
 )
 
 from ldm_pipeline.config import local_or_hub
+from ldm_pipeline.data.shapes import binding_counterpart, canonical_caption
 from ldm_pipeline.prompt_encoding import tokenize_prompts
 
 ARCHITECTURES = ("clip", "t5")
@@ -309,13 +313,19 @@ def contrastive_loss(
     image_embeds: torch.Tensor,
     logit_scale: torch.Tensor | float,
     same_caption: torch.Tensor | None = None,
+    negative_text_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE (CLIP) loss of L2-normalised embeddings.
+    """Symmetric InfoNCE (CLIP) loss of L2-normalised embeddings, optionally with hard-negative captions (NegCLIP).
 
     ``logits_ij = logit_scale · <t_i, v_j>`` and ``loss = ½ · [CE(logits, T) + CE(logitsᵀ, Tᵀ)]`` with
     ``CE(X, T) = -1/B · Σ_i Σ_j T_ij · log softmax_j(X_i)``. Without ``same_caption``, ``T`` is the identity
     (plain CLIP). With it, image j is a correct answer for caption i whenever the two captions are equal:
     ``T_ij = same_ij / Σ_k same_ik``, so duplicate captions in a batch are not pushed apart as negatives.
+
+    ``negative_text_embeds`` [H, D] are captions no image matches (`hard_negative_captions`). They join the texts
+    each image chooses from, not the queries: the image-to-text term becomes ``CE([logitsᵀ | N], [Tᵀ | 0])`` with
+    ``N_jh = logit_scale · <v_j, n_h>`` ([B, B + H] logits), the text-to-image term is unchanged (Yuksekgonul et
+    al. 2023, "When and why vision-language models behave like bags-of-words", arXiv:2210.01936, sec. 4).
     """
     logits = logit_scale * text_embeds @ image_embeds.t()
     if same_caption is None:
@@ -324,8 +334,37 @@ def contrastive_loss(
         same = same_caption.to(device=logits.device, dtype=logits.dtype)
         targets = same / same.sum(dim=1, keepdim=True)
     text_to_image = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
-    image_to_text = -(targets.t() * logits.t().log_softmax(dim=1)).sum(dim=1).mean()
+    if negative_text_embeds is None:
+        image_to_text = -(targets.t() * logits.t().log_softmax(dim=1)).sum(dim=1).mean()
+    else:
+        negative_logits = logit_scale * image_embeds @ negative_text_embeds.t()  # [B, H]
+        image_logits = torch.cat([logits.t(), negative_logits], dim=1)  # [B, B + H]
+        image_targets = F.pad(targets.t(), (0, len(negative_text_embeds)))  # [B, B + H]
+        image_to_text = -(image_targets * image_logits.log_softmax(dim=1)).sum(dim=1).mean()
     return (text_to_image + image_to_text) / 2
+
+
+def hard_negative_captions(captions: Sequence[str]) -> list[tuple[int, str]]:
+    """``(i, negative)`` pairs: the hard negatives of a (global) batch of captions, each from its caption ``i``.
+
+    The negative of a caption is its `binding_counterpart` (the same words, colours or objects swapped: "a red
+    star and a green box" -> "a green star and a red box", "a cat left of a tree" -> "a tree left of a cat"), as
+    in NegCLIP (Yuksekgonul et al. 2023, arXiv:2210.01936, sec. 4). A negative is kept only if it means a scene
+    no caption of the batch means (`canonical_caption`: "a tree left of a cat" is dropped when the batch holds
+    "a cat right of a tree"), and each meaning once, from its first caption. Captions of the other categories
+    and captions outside the shapes grammar (user data) have none.
+    """
+    batch_meanings = {canonical_caption(caption) for caption in captions}
+    negatives, seen = [], set()
+    for index, caption in enumerate(captions):
+        negative = binding_counterpart(caption)
+        if negative is None:
+            continue
+        meaning = canonical_caption(negative)
+        if meaning not in batch_meanings and meaning not in seen:
+            seen.add(meaning)
+            negatives.append((index, negative))
+    return negatives
 
 
 @torch.no_grad()
@@ -380,6 +419,39 @@ def gather_batch(accelerator, text_embeds: torch.Tensor, image_embeds: torch.Ten
         return torch.cat([everyone[: index * local], tensor, everyone[(index + 1) * local:]])
 
     return with_own_rows(text_embeds), with_own_rows(image_embeds), list(gather_object(list(captions)))
+
+
+def gather_rows(accelerator, rows: torch.Tensor) -> torch.Tensor:
+    """Every process's ``rows`` [H_p, D] (H_p may differ between processes) concatenated in process order, this
+    process's own rows kept in the autograd graph (as in `gather_batch`)."""
+    from accelerate.utils import gather
+
+    count, index = accelerator.num_processes, accelerator.process_index
+    if count == 1:
+        return rows
+    sizes = gather(torch.tensor([len(rows)], device=rows.device)).tolist()
+    width = max(max(sizes), 1)
+    padded = rows.new_zeros((width, *rows.shape[1:]))
+    padded[: len(rows)] = rows.detach()
+    everyone = gather(padded)  # [n·width, D]
+    return torch.cat([rows if process == index else everyone[process * width: process * width + size]
+                      for process, size in enumerate(sizes)])
+
+
+def own_hard_negatives(accelerator, captions: Sequence[str]) -> tuple[list[str], int]:
+    """This process's share of the global batch's hard negatives and how many the global batch has.
+
+    The negatives are those of `hard_negative_captions` over every process's captions (in process order), so
+    ``n`` processes of batch ``B`` get the negatives of one process of batch ``n·B``; each process encodes the
+    ones that come from its own captions, and `gather_rows` joins them in the same order.
+    """
+    from accelerate.utils import gather_object
+
+    local = len(captions)
+    everyone = list(captions) if accelerator.num_processes == 1 else list(gather_object(list(captions)))
+    negatives = hard_negative_captions(everyone)
+    first = accelerator.process_index * local
+    return [negative for index, negative in negatives if first <= index < first + local], len(negatives)
 
 
 @torch.no_grad()

@@ -6,8 +6,10 @@
 Writes OUT/tokenizer, OUT/text_encoder (safetensors), OUT/image_tower and OUT/text_projection.safetensors (the
 image-text model's other parts, used by ldm-eval --text_stage),
 OUT/text_encoder_metrics.json (held-out text-to-image retrieval top-1/top-5), OUT/train_log.jsonl, tensorboard logs
-in OUT/logs and resumable states in OUT/checkpoints. With --pretrained_text_encoder nothing is trained: the named
-CLIP or T5 text encoder and its tokenizer are copied to OUT/text_encoder and OUT/tokenizer.
+in OUT/logs and resumable states in OUT/checkpoints. With --hard_negatives each shapes caption with a binding/order
+counterpart ("a red star and a green box" -> "a green star and a red box") adds it as a text no image matches
+(NegCLIP). With --pretrained_text_encoder nothing is trained: the named CLIP or T5 text encoder and its tokenizer
+are copied to OUT/text_encoder and OUT/tokenizer.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from ldm_pipeline.text_encoder import (
     contrastive_loss,
     evaluate_retrieval,
     gather_batch,
+    gather_rows,
     load_pretrained_text_encoder,
+    own_hard_negatives,
     same_caption_matrix,
     save_text_projection,
     train_tokenizer,
@@ -105,17 +109,25 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     for batch in trainer.batches(train_dataloader, sampler):
         with trainer.accelerator.accumulate(model):
-            tokens = tokenize_prompts(tokenizer, batch["captions"])
+            negatives, num_negatives = (own_hard_negatives(trainer.accelerator, batch["captions"])
+                                        if args.hard_negatives else ([], 0))
+            tokens = tokenize_prompts(tokenizer, batch["captions"] + negatives)
             text_embeds, image_embeds, logit_scale = model(tokens["input_ids"].to(device),
                                                            tokens["attention_mask"].to(device), batch["pixel_values"])
+            negative_embeds = None
+            if args.hard_negatives:
+                text_embeds, negative_embeds = text_embeds[:len(image_embeds)], text_embeds[len(image_embeds):]
+                negative_embeds = gather_rows(trainer.accelerator, negative_embeds)
             text_embeds, image_embeds, captions = gather_batch(trainer.accelerator, text_embeds, image_embeds,
                                                                batch["captions"])
-            loss = contrastive_loss(text_embeds, image_embeds, logit_scale, same_caption_matrix(captions))
+            loss = contrastive_loss(text_embeds, image_embeds, logit_scale, same_caption_matrix(captions),
+                                    negative_embeds)
             trainer.backward(loss * trainer.accelerator.num_processes, model)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        if (trainer.end_micro_step(loss=loss, lr=lr_scheduler.get_last_lr()[0], logit_scale=logit_scale)
+        logged = {"hard_negatives": num_negatives} if args.hard_negatives else {}
+        if (trainer.end_micro_step(loss=loss, lr=lr_scheduler.get_last_lr()[0], logit_scale=logit_scale, **logged)
                 and trainer.validation_due()):
             metrics = trainer.on_main_process(validate)
             if metrics:

@@ -227,6 +227,78 @@ def parse_caption(caption: str) -> dict:
     raise ValueError(f"Caption {caption!r} is not in the shapes grammar (see ldm_pipeline.data.shapes).")
 
 
+INVERSE_RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def grammar_caption(category: str, kinds: list[str], colors: list[str | None], relation: str | None = None) -> str:
+    """The grammar's caption of these words (articles follow the words: "a red box", "an orange box")."""
+    objects = [SceneObject(kind, color or "", (0.0, 0.0, 0.0, 0.0)) for kind, color in zip(kinds, colors)]
+    return make_caption(Scene(category, objects, relation))
+
+
+def canonical_caption(caption: str) -> tuple | None:
+    """A key equal for two captions of the grammar exactly when they mean the same scene; None outside the grammar.
+
+    Word order that carries no meaning is removed: "color_attribution" is the multiset of (colour, kind) pairs
+    ("a red star and a green box" = "a green box and a red star"), "two_objects" the multiset of kinds, and
+    "position" is written with "left of" or "above" (``(k0, rel, k1) = (k1, inverse(rel), k0)``: "a cat right of
+    a tree" = "a tree left of a cat"). Other categories keep their parsed words.
+    """
+    try:
+        parsed = parse_caption(caption)
+    except ValueError:
+        return None
+    category, kinds, colors, relation = parsed["category"], parsed["kinds"], parsed["colors"], parsed["relation"]
+    if category == "color_attribution":
+        return category, tuple(sorted(zip(colors, kinds)))
+    if category == "two_objects":
+        return category, tuple(sorted(kinds))
+    if category == "position":
+        if relation in ("right of", "below"):
+            kinds, relation = kinds[::-1], INVERSE_RELATIONS[relation]
+        return category, kinds[0], relation, kinds[1]
+    return category, tuple(kinds), tuple(colors), parsed["count"]
+
+
+def binding_counterpart(caption: str) -> str | None:
+    """The caption with the same words whose binding or order is swapped, or None when there is none.
+
+    "color_attribution": the two colours change places ("a red star and a green box" -> "a green star and a red
+    box"); "position": the two objects change places, the relation stays ("a cat left of a tree" -> "a tree left
+    of a cat"). These are the hard negatives of NegCLIP (Yuksekgonul et al. 2023, arXiv:2210.01936, sec. 4).
+    None for the other categories, for captions outside the grammar, and where the swap means the same scene
+    (`canonical_caption`): one colour twice ("a red star and a red box"), one kind twice ("a cat left of a cat",
+    "a red box and a green box").
+    """
+    try:
+        parsed = parse_caption(caption)
+    except ValueError:
+        return None
+    category, kinds, colors = parsed["category"], parsed["kinds"], parsed["colors"]
+    if category == "color_attribution":
+        counterpart = grammar_caption(category, kinds, colors[::-1])
+    elif category == "position":
+        counterpart = grammar_caption(category, kinds[::-1], colors, parsed["relation"])
+    else:
+        return None
+    return None if canonical_caption(counterpart) == canonical_caption(caption) else counterpart
+
+
+def scene_from_caption(caption: str, rng: np.random.Generator) -> Scene:
+    """A scene that ``caption`` (of the grammar) describes, laid out as `sample_scene` lays out its scenes; colours
+    the caption does not name are drawn from ``rng``. Raises ValueError for a caption outside the grammar."""
+    parsed = parse_caption(caption)
+    kinds = parsed["kinds"] * parsed["count"] if parsed["category"] == "counting" else parsed["kinds"]
+    named = parsed["colors"] + [None] * (len(kinds) - len(parsed["colors"]))
+    colors = [color if color is not None else _choice(rng, COLORS) for color in named]
+    sizes = [_box_size(rng, kind, len(kinds)) for kind in kinds]
+    boxes = _place(rng, sizes, parsed["relation"])
+    objects = [SceneObject(kind, color, tuple(box)) for kind, color, box in zip(kinds, colors, boxes)]
+    scene = Scene(category=parsed["category"], objects=objects, relation=parsed["relation"])
+    scene.caption = make_caption(scene)
+    return scene
+
+
 def _choice(rng: np.random.Generator, options, exclude=()):
     options = [o for o in options if o not in exclude]
     return options[int(rng.integers(len(options)))]
