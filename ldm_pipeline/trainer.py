@@ -719,11 +719,14 @@ class StageTrainer:
 
 def run_in_process(main: Callable[[list[str]], dict], argv: list[str]) -> dict:
     """Call a stage script's ``main(argv)`` inside this Python process (tests, benchmarks), each time on a fresh
-    Accelerate state: every script creates its own ``Accelerator``, whose state is otherwise process-wide."""
+    Accelerate state: every script creates its own ``Accelerator``, whose state is otherwise process-wide. The
+    caller's torch thread count is restored afterwards, also when the stage fails."""
     from accelerate.state import AcceleratorState
 
+    threads = torch.get_num_threads()
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         return main(argv)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+        torch.set_num_threads(threads)

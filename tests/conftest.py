@@ -179,8 +179,14 @@ def tiny_stage_dirs(tmp_path_factory):
     return root
 
 
+TEST_THREADS = torch.get_num_threads()
+
+
 def run_stage(stage: str, argv: list[str]) -> dict:
-    """``training/train_<stage>.py`` run in this process with ``argv`` (``ldm_pipeline.trainer.run_in_process``)."""
+    """``training/train_<stage>.py`` run in this process with ``argv`` (``ldm_pipeline.trainer.run_in_process``), at
+    a fixed thread count (``--num_threads``, which a later flag in ``argv`` overrides): runs that tests compare bit for
+    bit must not see the thread count follow the machine's load."""
     from ldm_pipeline.trainer import run_in_process
 
-    return run_in_process(importlib.import_module(f"training.train_{stage}").main, argv)
+    return run_in_process(importlib.import_module(f"training.train_{stage}").main,
+                          ["--num_threads", str(TEST_THREADS), *argv])

@@ -353,7 +353,8 @@ def test_two_process_cpu_launch(tmp_path):
     """``accelerate launch --config_file configs/accelerate/cpu_2_processes.yaml``: 2 CPU processes (gloo) of batch
     8 compute the contrastive loss over the global batch, so they train as 1 process of batch 16 does."""
     two, one = tmp_path / "two", tmp_path / "one"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"),
                str(REPO / "training" / "train_text_encoder.py"), "--config", str(TINY["clip"]),
