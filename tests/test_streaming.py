@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -306,3 +308,24 @@ def test_the_data_fingerprint_covers_the_shards_and_the_streaming_settings(tmp_p
     as_name = dataset_fingerprint(DataConfig(dataset_name=str(tmp_path), resolution=16, streaming=True))
     (tmp_path / "shard-003.tar").write_bytes(shard.read_bytes())
     assert dataset_fingerprint(DataConfig(dataset_name=str(tmp_path), resolution=16, streaming=True)) != as_name
+
+
+def test_two_process_launch_streams_disjoint_shares_and_saves_each_position(tmp_path):
+    """``accelerate launch`` of 2 CPU processes: the shard lists are compared across processes (gloo), each process
+    streams 2 of the 4 training shards and its checkpoint holds its own stream position."""
+    shapes_shards(tmp_path / "shards", 5, 4, resolution=32)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if "PYTHONPATH" in os.environ
+                                                         else []))}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"), str(REPO / "training" / "train_vae.py"),
+               "--config", str(TINY_VAE), "--train_data_dir", str(tmp_path / "shards"), "--streaming",
+               "--train_batch_size", "2", "--max_train_steps", "5", "--checkpointing_steps", "5",
+               "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Streaming 4 shard(s) split across 2 processes by shards." in result.stdout
+    checkpoint = tmp_path / "out" / "checkpoints" / "checkpoint-5"
+    for process in (0, 1):  # 8 samples per process: 4 batches of 2 per epoch, so step 5 is epoch 1, batch 1
+        state = json.loads((checkpoint / f"stream_state_{process}.json").read_text())
+        assert state == {"epoch": 1, "position": 1}
