@@ -7,9 +7,9 @@ The built-in shapes data is exported twice (``ldm-export-shapes``): as an imagef
 held-out shard). The VAE stage (``configs/<size>/vae.json``) then trains ``--steps`` steps on each, the same model
 and batch size: ``imagefolder`` (map-style, ``EpochShuffleSampler``) and ``streaming`` (``--streaming``, shuffled
 stream). Throughput is images/s = (steps - 1) x batch / seconds between the first and the last logged step of
-OUT/train_log.jsonl (the first step is warm-up); the config's ``scaling_factor_max_samples`` is dropped, so both runs
-end by encoding their whole training data, outside the timed loop. With --check the exit status is 1 when streaming is below 90% of
-the imagefolder's throughput.
+OUT/train_log.jsonl (the first step is warm-up); the config's ``scaling_factor_max_samples`` is dropped, so both
+runs end by encoding their whole training data, outside the timed loop. With --check the exit status is 1 when
+streaming is below 90% of the imagefolder's throughput.
 """
 
 from __future__ import annotations

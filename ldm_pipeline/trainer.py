@@ -227,15 +227,27 @@ class StreamLoader:
     def epoch_batches(self, epoch: int) -> Iterator[dict]:
         """The full batches of ``epoch``, in the order a function of (seed, epoch, shards, buffer, workers) gives."""
         self.dataset.set_epoch(epoch)
-        return iter(torch.utils.data.DataLoader(
+        return _without_worker_traceback(iter(torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, collate_fn=self.collate_fn, drop_last=True,
-            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)))
+            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def _without_worker_traceback(batches: Iterator[dict]) -> Iterator[dict]:
+    """Re-raise a data error of a DataLoader worker with its own one-line message (PyTorch puts the worker's
+    whole traceback into the message)."""
+    try:
+        yield from batches
+    except ValueError as error:
+        message = str(error)
+        if "DataLoader worker" not in message or "Original Traceback" not in message:
+            raise
+        raise ValueError(message.rstrip().splitlines()[-1].split(": ", 1)[-1]) from error
 
 
 def stream_train_batches(loader: StreamLoader, start_step: int, max_train_steps: int,

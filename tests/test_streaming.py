@@ -108,6 +108,23 @@ def test_exported_shards_hold_the_shapes_data_and_a_validation_folder_is_its_spl
         export_main(["--out", str(tmp_path / "train"), "--num_samples", "2", "--format", "webdataset"])
 
 
+@pytest.mark.parametrize("source", ["train_data_dir", "dataset_name"])
+def test_parquet_files_stream_with_the_last_file_held_out(tmp_path, source):
+    import datasets
+
+    data = ShapesDataset(9, 16, seed=2)
+    table = datasets.Dataset.from_list([{"image": data[i]["image"], "text": data[i]["caption"]} for i in range(9)])
+    table = table.cast_column("image", datasets.Image())
+    for part in range(3):
+        table.shard(3, part, contiguous=True).to_parquet(str(tmp_path / f"part-{part}.parquet"))
+    settings = DataConfig(**{source: str(tmp_path)}, resolution=16, streaming=True, num_validation_samples=2)
+    items = list(build_dataset(settings, "train"))
+    assert [item["caption"] for item in items] == [data[i]["caption"] for i in range(6)]
+    assert torch.equal(items[4]["pixel_values"], image_to_tensor(data[4]["image"]))
+    validation = build_dataset(settings, "validation")
+    assert [validation[i]["caption"] for i in range(len(validation))] == [data[6]["caption"], data[7]["caption"]]
+
+
 # --------------------------------------------------------------------------------------------- splitting
 
 
@@ -218,11 +235,12 @@ def test_a_corrupt_member_names_its_shard_and_key_or_is_skipped_and_counted(bad_
     assert skipping.skipped_images == 1 and "Skipped (--skip_bad_images)" in skipping.skipped_summary()
 
 
-def test_the_training_script_stops_at_a_corrupt_member_naming_it(bad_shards, tmp_path):
-    with pytest.raises(ValueError, match=r"Cannot read image of shard .*shard-002\.tar sample 'bad1'"):
+def test_the_training_script_stops_at_a_corrupt_member_naming_it_in_one_line(bad_shards, tmp_path):
+    with pytest.raises(ValueError, match=r"^Cannot read image of shard .*shard-002\.tar sample 'bad1'") as raised:
         run_stage("vae", ["--config", str(TINY_VAE), "--train_data_dir", str(bad_shards), "--streaming",
-                          "--resolution", "16", "--train_batch_size", "2", "--output_dir", str(tmp_path / "out"),
-                          "--report_to", "none"])
+                          "--resolution", "16", "--train_batch_size", "2", "--dataloader_num_workers", "1",
+                          "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    assert "\n" not in str(raised.value) and "Traceback" not in str(raised.value)  # not the worker's traceback
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 

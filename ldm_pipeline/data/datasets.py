@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import hashlib
 import io
@@ -547,7 +548,8 @@ def _hold_out_files(files: list[str], num_validation: int, where: str) -> dict[s
     """``{"train": files[:-k], "validation": files[-k:]}`` with ``k = num_validation`` (name order)."""
     if len(files) <= num_validation:
         raise ValueError(f"{where} has {len(files)} shard(s) and no validation split: holding out "
-                         f"--num_validation_shards {num_validation} for validation needs at least {num_validation + 1}. "
+                         f"--num_validation_shards {num_validation} for validation needs at least "
+                         f"{num_validation + 1}. "
                          "Write more shards, or put the validation shards in a validation/ folder beside train/.")
     return {"train": files[:-num_validation], "validation": files[-num_validation:]}
 
@@ -632,7 +634,7 @@ def _load_split(data: DataConfig, split: str, streaming: bool):
 
 
 def _image_field(columns, image_column: str, where: str) -> str:
-    """``image_column`` when the data has it, else a tar sample's image member (``jpg``, ``jpeg``, ``png``, ``webp``)."""
+    """``image_column`` when the data has it, else a tar sample's image member (jpg, jpeg, png or webp)."""
     if image_column in columns:
         return image_column
     found = next((field for field in TAR_IMAGE_FIELDS if field in columns), None)
@@ -709,7 +711,7 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
                  random_crop: bool = False, random_flip: bool = False, skip_bad_images: bool = False,
                  where: str = "the stream"):
         self.stream, self.source, self.files, self.where = stream, stream, files, where
-        self.image_column = _image_field(stream.features or {}, image_column, where) if stream.features else image_column
+        self.image_column = _image_field(stream.features, image_column, where) if stream.features else image_column
         self.caption_column = caption_column
         self.resolution, self.random_crop, self.random_flip = resolution, random_crop, random_flip
         self.skip_bad_images = skip_bad_images
@@ -723,12 +725,11 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
         from datasets.distributed import split_dataset_by_node
 
         shuffled = self.source.shuffle(seed=seed, buffer_size=buffer_size)
-        copy = object.__new__(type(self))
-        copy.__dict__.update(self.__dict__)
-        copy.seed = seed
-        copy.split_strategy = "shards" if shuffled.num_shards % world_size == 0 else "examples"
-        copy.stream = split_dataset_by_node(shuffled, rank, world_size) if world_size > 1 else shuffled
-        return copy
+        share = copy.copy(self)
+        share.seed = seed
+        share.split_strategy = "shards" if shuffled.num_shards % world_size == 0 else "examples"
+        share.stream = split_dataset_by_node(shuffled, rank, world_size) if world_size > 1 else shuffled
+        return share
 
     @property
     def shard_ids(self) -> list[str]:
@@ -769,7 +770,7 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
         if not self.skip_bad_images:
             raise ValueError(message) from error
         self.skipped[kind] += 1
-        logger.warning("Skipping (--skip_bad_images): %s", message.split(". Fix")[0].split(": add it")[0])
+        logger.warning("Skipping (--skip_bad_images): %s", message)
         return None
 
     @contextlib.contextmanager
@@ -898,7 +899,8 @@ def dataset_fingerprint(data: DataConfig, split: str = "train") -> str:
     modification and status-change times (local folders, tar shards included: an edit that keeps a file's size and
     modification time still changes its status-change time), the resolved data files of a streamed Hub dataset
     (its name, config and file URLs, which carry the revision), or the Hugging Face dataset fingerprint (hub).
-    Both include the preprocessing flags and, for streams and shards, the streaming settings. Random crop/flip make items random, but the hash only describes the data.
+    Both include the preprocessing flags and, for streams and shards, the streaming settings. Random crop/flip
+    make items random, but the hash only describes the data.
     """
     _check_split(split)
     payload = {
