@@ -71,10 +71,20 @@ class DataConfig:
                                               "user data.", gt=0)
     data_seed: int = option(0, "Seed of the shapes data and of held-out slices.", ge=0)
     max_train_samples: int | None = option(None, "Keep only this many training items.", gt=0)
+    streaming: bool = option(False, "Stream the data (datasets.IterableDataset) instead of reading it as a "
+                                    "map-style dataset: tar shards, Parquet/Arrow files or a Hub dataset.")
+    shuffle_buffer_size: int = option(1000, "With --streaming: shuffle buffer of IterableDataset.shuffle (the "
+                                            "shard order is shuffled too).", gt=0)
+    num_validation_shards: int = option(1, "Tar shards (or data files, with --streaming) held out for validation "
+                                           "when the data has no validation split of its own: the last ones in "
+                                           "name order.", gt=0)
 
     def __post_init__(self):
         if self.center_crop and self.random_crop:
             raise ConfigError("--center_crop and --random_crop are exclusive; pass one of them.")
+        if self.streaming and self.max_train_samples is not None:
+            raise ConfigError("--max_train_samples cannot be combined with --streaming (a stream has no first N "
+                              "items that every process agrees on): stream fewer shards instead.")
 
     @property
     def source(self) -> str:

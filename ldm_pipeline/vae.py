@@ -577,13 +577,17 @@ class AutoencoderWithPosterior(nn.Module):
 
 
 def pixel_batches(dataset, batch_size: int, max_samples: int | None = None) -> Iterable[torch.Tensor]:
-    """The dataset's ``pixel_values`` in item order, in batches (for latent statistics and metrics)."""
+    """The dataset's ``pixel_values`` in item order, in batches, the first ``max_samples`` items at most (for latent
+    statistics and metrics). Works on streams too (no ``len``)."""
     from ldm_pipeline.data import collate_examples
 
-    if max_samples is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(max_samples, len(dataset))))
+    seen = 0
     for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_examples):
-        yield batch["pixel_values"]
+        if max_samples is not None and seen >= max_samples:
+            return
+        pixels = batch["pixel_values"][: None if max_samples is None else max_samples - seen]
+        seen += len(pixels)
+        yield pixels
 
 
 def image_grid(rows: list[torch.Tensor]):

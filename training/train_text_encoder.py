@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         return metrics
 
     # 5. Training loop.
-    trainer.start(num_samples=len(train_dataset), dataset=train_dataset)
+    trainer.start(dataset=train_dataset)
     model.train()
     for batch in trainer.batches(train_dataloader, sampler):
         with trainer.accelerator.accumulate(model):

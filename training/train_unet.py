@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     if use_cache and (data.random_flip or data.random_crop):
         trainer.print("Random flips/crops change the latents every epoch: latent caching is off for this run.")
         use_cache = False
+    if use_cache and data.streaming:
+        trainer.print("--streaming: the latent cache needs random access; training uncached (the VAE and text "
+                      "encoder run every step, as with --no_cache).")
+        use_cache = False
     if use_cache:
         cache_dir = check_writable(args.cache_dir or trainer.output_dir.resolve().parent / "cache", "--cache_dir")
         cache = load_shared_cache(
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.log_images("validation", images)
 
     # 5. Training loop.
-    trainer.start(frozen_fingerprints, num_samples=len(loader_dataset), dataset=train_dataset)
+    trainer.start(frozen_fingerprints, dataset=train_dataset)
     unet.train()
     for batch in trainer.batches(train_dataloader, sampler):
         generator = trainer.generator()

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. Training loop: per micro-batch an autoencoder update, then (from disc_start) a discriminator update. The
     #    posterior noise is this process's rows of the global batch's draw.
-    trainer.start(num_samples=len(train_dataset), dataset=train_dataset)
+    trainer.start(dataset=train_dataset)
     model.train()
     discriminator.train()
     for batch in trainer.batches(train_dataloader, sampler):

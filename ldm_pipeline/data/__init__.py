@@ -1,6 +1,7 @@
 """Data: the built-in `shapes` dataset and loaders for user datasets."""
 
 from .datasets import (
+    StreamingImageCaptionDataset,
     add_data_args,
     build_dataset,
     collate_examples,
@@ -8,6 +9,8 @@ from .datasets import (
     dataset_fingerprint,
     image_to_tensor,
     preprocess_image,
+    stream_source,
+    tar_shards,
 )
 
 from .shapes import (

@@ -6,10 +6,18 @@ Sources (first that applies):
 - ``--train_data_dir DIR``: an ``imagefolder`` (images + ``metadata.jsonl`` or ``metadata.csv`` with a
   ``file_name`` column, optionally in ``train/`` and ``validation/``/``test/`` sub-folders), a folder written
   by ``Dataset.save_to_disk``, or a folder of Parquet / Arrow files.
+- ``--train_data_dir DIR`` of WebDataset tar shards (``DIR/*.tar``, or ``DIR/train/*.tar`` and
+  ``DIR/validation/*.tar``): each sample is ``KEY.jpg|jpeg|png|webp`` with ``KEY.txt`` (the caption) or ``KEY.json``
+  (the caption under ``caption_column``), read with ``datasets``' ``webdataset`` builder.
+- ``--streaming``: tar shards, Parquet/Arrow files or a Hub dataset read as a ``datasets.IterableDataset``
+  (`StreamingImageCaptionDataset`); ``StageTrainer.dataloader`` shuffles it and splits it across processes.
 - neither: the built-in `shapes` data (`ldm_pipeline.data.shapes`); validation is a disjoint random stream.
 
 The validation split of user data is the dataset's own "validation" (else "test") split, else a held-out slice
-of ``num_validation_samples`` items chosen with ``data_seed`` (the training split is the rest).
+of ``num_validation_samples`` items chosen with ``data_seed`` (the training split is the rest). Tar shards, and
+every source with --streaming, hold out whole shards instead: the last ``num_validation_shards`` data files in name
+order (the same partition with and without --streaming); a streamed validation split is its first
+``num_validation_samples`` items, read into memory.
 
 Items are ``{"pixel_values": FloatTensor[3, H, W] in [-1, 1], "caption": str, "index": int}``. Images are read as
 a viewer shows them (`to_rgb`: EXIF orientation, 16-bit grey scaled to 8 bits, transparency on white), then the
@@ -26,12 +34,15 @@ or left out with --skip_bad_images.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import csv
 import hashlib
 import io
 import json
 import logging
 import os
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -488,6 +499,9 @@ def _user_records(data: DataConfig, split: str):
     root = Path(data.train_data_dir) if data.dataset_name is None else None
     if root is not None and not root.is_dir():
         raise FileNotFoundError(f"--train_data_dir {root} is not a directory.")
+    if root is not None and _is_tar_folder(root):
+        images, captions = _shard_records(data, split)
+        return images, captions, False
     if root is not None and _is_imagefolder(root):
         folders = _split_folders(root)
         held_out = "validation" not in folders
@@ -501,6 +515,334 @@ def _user_records(data: DataConfig, split: str):
     where = f"dataset {data.dataset_name or root} split {name!r}"
     images, captions = _column_records(loaded[name], image_column, caption_column, where, root)
     return images, captions, own_validation is None
+
+
+# --------------------------------------------------------------------------------------------- tar shards, streams
+
+TAR_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+LOCAL_STREAM_BUILDERS = (("parquet", ".parquet"), ("arrow", ".arrow"))
+
+
+def tar_shards(folder: Path) -> list[Path]:
+    """The ``*.tar`` files directly in ``folder``, in name order."""
+    return sorted(path for path in folder.glob("*.tar") if path.is_file()) if folder.is_dir() else []
+
+
+def _is_tar_folder(root: Path) -> bool:
+    return any(tar_shards(folder) for folder in [root] + [root / split for split in ("train",) + VALIDATION_SPLITS])
+
+
+def check_tar_shard(path: Path) -> None:
+    """A shard must be a readable tar archive with at least one member; otherwise a ValueError naming it."""
+    try:
+        with tarfile.open(path) as archive:
+            first = archive.next()
+    except (tarfile.TarError, OSError) as error:
+        raise ValueError(f"Shard {path} is not a readable tar archive ({error}): write it again or move it out of "
+                         "the folder.") from None
+    if first is None:
+        raise ValueError(f"Shard {path} is empty (no samples): write its samples again or move it out of the folder.")
+
+
+def _hold_out_files(files: list[str], num_validation: int, where: str) -> dict[str, list[str]]:
+    """``{"train": files[:-k], "validation": files[-k:]}`` with ``k = num_validation`` (name order)."""
+    if len(files) <= num_validation:
+        raise ValueError(f"{where} has {len(files)} shard(s) and no validation split: holding out "
+                         f"--num_validation_shards {num_validation} for validation needs at least "
+                         f"{num_validation + 1}. "
+                         "Write more shards, or put the validation shards in a validation/ folder beside train/.")
+    return {"train": files[:-num_validation], "validation": files[-num_validation:]}
+
+
+def _local_split_files(root: Path, list_files, num_validation: int) -> dict[str, list[str]]:
+    """``train/`` and ``validation/`` (or ``test/``) sub-folders when both have files, else the held-out shards."""
+    train = list_files(root / "train")
+    validation = next((found for split in VALIDATION_SPLITS if (found := list_files(root / split))), [])
+    if train and validation:
+        return {"train": [str(p) for p in train], "validation": [str(p) for p in validation]}
+    files = [str(p) for p in (list_files(root) or train)]
+    if not files:
+        raise FileNotFoundError(f"{root} holds no data files.")
+    return _hold_out_files(files, num_validation, str(root))
+
+
+def stream_source(data: DataConfig) -> tuple[str, str | None, dict[str, list[str]]]:
+    """``(path, config name, {"train": files, "validation": files})`` for ``datasets.load_dataset``: tar shards
+    (``"webdataset"``), with --streaming also Parquet/Arrow folders and Hub datasets (their resolved data files).
+
+    A source that cannot stream (the built-in shapes, an imagefolder with metadata, a save_to_disk folder, a
+    dataset without data files) is a ValueError saying what to do.
+    """
+    import datasets
+
+    if data.dataset_name is not None:
+        try:
+            builder = datasets.load_dataset_builder(data.dataset_name, data.dataset_config_name)
+        except Exception as error:  # any failure to resolve a user-named dataset
+            raise ValueError(f"--streaming: cannot open dataset {data.dataset_name!r} ({error}).") from error
+        found = {split: [str(f) for f in files] for split, files in (builder.config.data_files or {}).items()}
+        if not found:
+            raise ValueError(f"--streaming: dataset {data.dataset_name!r} has no data files to stream (it is built "
+                             "by a script): drop --streaming.")
+        own_validation = next((split for split in VALIDATION_SPLITS if split in found), None)
+        train = found.get("train") or next(files for split, files in found.items() if split not in VALIDATION_SPLITS)
+        files = ({"train": train, "validation": found[own_validation]} if own_validation else
+                 _hold_out_files(train, data.num_validation_shards, f"dataset {data.dataset_name}"))
+        return data.dataset_name, data.dataset_config_name, files
+    if data.train_data_dir is None:
+        raise ValueError("--streaming needs --train_data_dir (tar shards, Parquet or Arrow files) or --dataset_name; "
+                         "the built-in shapes data is generated on access and does not stream: drop --streaming.")
+    root = Path(data.train_data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--train_data_dir {root} is not a directory.")
+    if _is_tar_folder(root):
+        files = _local_split_files(root, tar_shards, data.num_validation_shards)
+        for path in files["train"] + files["validation"]:
+            check_tar_shard(Path(path))
+        return "webdataset", None, files
+    if _is_saved_dataset(root) or _is_imagefolder(root):
+        kind = "a save_to_disk folder" if _is_saved_dataset(root) else "an imagefolder"
+        raise ValueError(f"--streaming: {root} is {kind}, which is read on access without streaming: drop "
+                         "--streaming, or write the data as tar shards (ldm-export-shapes --format webdataset shows "
+                         "the layout).")
+    for builder, extension in LOCAL_STREAM_BUILDERS:
+        def list_files(folder: Path, extension=extension) -> list[Path]:
+            return sorted(folder.glob(f"*{extension}")) if folder.is_dir() else []
+
+        if list_files(root) or list_files(root / "train"):
+            return builder, None, _local_split_files(root, list_files, data.num_validation_shards)
+    raise FileNotFoundError(f"--streaming: {root} holds no tar shards, Parquet or Arrow files to stream.")
+
+
+def _load_split(data: DataConfig, split: str, streaming: bool):
+    """``(dataset, files)``: the ``split`` of `stream_source`'s files loaded by ``datasets`` (an IterableDataset
+    when ``streaming``), its image columns left undecoded (decoded per item, where a bad file can be named)."""
+    import datasets
+
+    path, config_name, files = stream_source(data)
+    try:
+        dataset = datasets.load_dataset(path, config_name, data_files={split: files[split]}, split=split,
+                                        streaming=streaming)
+    except ValueError as error:
+        raise ValueError(f"Cannot read the shards of {data.source} (the first is {files[split][0]}): {error} The "
+                         "first samples of a shard must all have the same members: an image (.jpg, .png, .webp) "
+                         "and a caption (.txt or .json).") from error
+    for column, feature in (dataset.features or {}).items():
+        if isinstance(feature, datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset, files[split]
+
+
+def _image_field(columns, image_column: str, where: str) -> str:
+    """``image_column`` when the data has it, else a tar sample's image member (jpg, jpeg, png or webp)."""
+    if image_column in columns:
+        return image_column
+    found = next((field for field in TAR_IMAGE_FIELDS if field in columns), None)
+    if found is None:
+        raise ValueError(f"No image column in {where}: no {image_column!r} (--image_column) and no "
+                         f".{'/.'.join(TAR_IMAGE_FIELDS)} member; its columns are {sorted(columns)}.")
+    return found
+
+
+def _row_caption(row: dict, caption_column: str, where: str) -> str | None:
+    """The caption of a row: its ``caption_column``, or a tar sample's ``KEY.txt``, or ``caption_column`` of its
+    ``KEY.json``; None when it has none."""
+    if caption_column in row:
+        return _caption(row[caption_column], where)
+    if row.get("txt") is not None:
+        return _caption(row["txt"], where)
+    if isinstance(row.get("json"), dict):
+        return _caption(row["json"].get(caption_column), where)
+    return None
+
+
+def _describe_row(row: dict, fallback: str) -> str:
+    if "__key__" in row:
+        return f"shard {row.get('__url__')} sample {row['__key__']!r}"
+    return fallback
+
+
+class _ShardImages(_ColumnImages):
+    """The images of tar-shard samples (``datasets``' webdataset builder), described by shard and sample key."""
+
+    def __init__(self, dataset, column: str):
+        super().__init__(dataset, column, None, "")
+        self.keys = dataset.select_columns(["__url__", "__key__"])
+
+    def describe(self, row: int) -> str:
+        return _describe_row(self.keys[row], f"row {row}")
+
+
+def _shard_records(data: DataConfig, split: str):
+    """(`_ShardImages`, captions) of the ``split`` shards of a tar folder, read as a map-style dataset."""
+    dataset, files = _load_split(data, split, streaming=False)
+    column = _image_field(dataset.column_names, data.image_column, f"shard {files[0]}")
+    keys = dataset.select_columns(["__url__", "__key__"])
+    captions = [_row_caption(row, data.caption_column, _describe_row(keys[index], f"row {index}"))
+                for index, row in enumerate(dataset.remove_columns([column]))]
+    return _ShardImages(dataset, column), captions
+
+
+def sample_id(row: dict, position: int) -> int:
+    """A stable id of a streamed sample: 56 bits of ``sha256(shard, key)``, or its stream position without a key."""
+    if "__key__" not in row:
+        return position
+    digest = hashlib.sha256(f"{row.get('__url__')}\0{row['__key__']}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
+    """A streamed split (``datasets.IterableDataset``) as training items, decoded and preprocessed as they come.
+
+    ``for_training(seed, buffer_size, rank, world_size)`` gives the stream one process trains on:
+    ``IterableDataset.shuffle(seed, buffer_size)`` (shard order and a buffer of ``buffer_size`` items), then
+    ``datasets.distributed.split_dataset_by_node``: whole shards per process when ``n_shards % world_size == 0``,
+    else every ``world_size``-th item. DataLoader workers of a process read distinct shards (``datasets`` gives
+    worker ``w`` of ``W`` shards ``w, w + W, ...``; workers beyond ``n_shards`` stay idle). ``set_epoch(e)``
+    reshuffles with ``seed + e``. The order of an epoch is thus a function of (seed, epoch, shard list, buffer size,
+    processes, workers); random crops and flips of an item depend on (seed, epoch, shard, key) alone.
+
+    Items are ``{"pixel_values", "caption", "index"}`` with ``index = sample_id(row)``. A sample whose image cannot
+    be decoded, or that has no caption, stops the run with a ValueError naming its shard and key; with
+    ``skip_bad_images`` it is left out and counted (``skipped_images``, shared with DataLoader workers).
+    """
+
+    def __init__(self, stream, files: list[str], image_column: str, caption_column: str, resolution: int,
+                 random_crop: bool = False, random_flip: bool = False, skip_bad_images: bool = False,
+                 where: str = "the stream"):
+        self.stream, self.source, self.files, self.where = stream, stream, files, where
+        self.image_column = _image_field(stream.features, image_column, where) if stream.features else image_column
+        self.caption_column = caption_column
+        self.resolution, self.random_crop, self.random_flip = resolution, random_crop, random_flip
+        self.skip_bad_images = skip_bad_images
+        self.seed, self.epoch = 0, 0
+        self.skipped = torch.zeros(2, dtype=torch.int64).share_memory_()  # [unreadable images, samples w/o caption]
+        self.split_strategy = None
+
+    def for_training(self, seed: int, buffer_size: int, rank: int = 0,
+                     world_size: int = 1) -> "StreamingImageCaptionDataset":
+        """This dataset shuffled and split for process ``rank`` of ``world_size`` (it shares the skip counts)."""
+        from datasets.distributed import split_dataset_by_node
+
+        shuffled = self.source.shuffle(seed=seed, buffer_size=buffer_size)
+        share = copy.copy(self)
+        share.seed = seed
+        share.split_strategy = "shards" if shuffled.num_shards % world_size == 0 else "examples"
+        share.stream = split_dataset_by_node(shuffled, rank, world_size) if world_size > 1 else shuffled
+        return share
+
+    @property
+    def shard_ids(self) -> list[str]:
+        """The training files as processes compare them: ``name:size`` for local files, else the URL."""
+        return [f"{Path(f).name}:{os.path.getsize(f)}" if os.path.isfile(f) else f for f in self.files]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self):
+        for position, row in enumerate(self.stream):
+            item = self.item(row, position)
+            if item is not None:
+                yield item
+
+    def item(self, row: dict, position: int = 0) -> dict | None:
+        """The training item of one streamed row; None when it is skipped (``skip_bad_images``)."""
+        name = _describe_row(row, f"{self.where}, item {position}")
+        caption = _row_caption(row, self.caption_column, name)
+        if caption is None:
+            return self._bad(1, f"{name} has no caption (no KEY.txt, and no {self.caption_column!r} in KEY.json or "
+                                "in its columns): add it or remove the sample, or pass --skip_bad_images to skip such "
+                                "samples.")
+        try:
+            if row.get(self.image_column) is None:
+                raise ValueError(f"it has no image (.{'/.'.join(TAR_IMAGE_FIELDS)} member or {self.image_column!r})")
+            source, _ = _image_source(row[self.image_column], None)
+            with self._sample_random_state(row, position):
+                pixels = preprocess_image(_open_image(source, name), self.resolution, self.random_crop,
+                                          self.random_flip)
+        except Exception as error:  # any failure to decode one user sample is that sample's fault
+            return self._bad(0, f"Cannot read image of {name}: {error}. Fix or remove the sample, or pass "
+                                "--skip_bad_images to skip unreadable images.", error)
+        return {"pixel_values": pixels, "caption": caption, "index": sample_id(row, position)}
+
+    def _bad(self, kind: int, message: str, error: Exception | None = None) -> None:
+        if not self.skip_bad_images:
+            raise ValueError(message) from error
+        self.skipped[kind] += 1
+        logger.warning("Skipping (--skip_bad_images): %s", message)
+        return None
+
+    @contextlib.contextmanager
+    def _sample_random_state(self, row: dict, position: int):
+        """Random crops/flips drawn from ``sha256(seed, epoch, sample)``: the same in any worker or resumed run."""
+        if not (self.random_crop or self.random_flip):
+            yield
+            return
+        digest = hashlib.sha256(f"{self.seed}:{self.epoch}:{sample_id(row, position)}".encode()).digest()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+            yield
+
+    @property
+    def skipped_images(self) -> int:
+        """How many samples were left out so far (unreadable images and missing captions)."""
+        return int(self.skipped.sum())
+
+    def skipped_summary(self) -> str | None:
+        """One line on what --skip_bad_images left out (None when nothing was), for the end of a run."""
+        unreadable, uncaptioned = self.skipped.tolist()
+        if not (unreadable or uncaptioned):
+            return None
+        return (f"Skipped (--skip_bad_images) {unreadable} sample(s) with an unreadable image and {uncaptioned} "
+                f"without a caption in the stream (each time the stream met them; the log names them).")
+
+    def captions(self) -> list[str]:
+        """Every caption of the (unshuffled) split, read without decoding an image; uncaptioned rows are left out."""
+        found = []
+        for position, row in enumerate(self.source.remove_columns([self.image_column])
+                                       if self.image_column in (self.source.features or {}) else self.source):
+            caption = _row_caption(row, self.caption_column, _describe_row(row, f"{self.where}, item {position}"))
+            if caption is not None:
+                found.append(caption)
+        return found
+
+
+def _streaming_dataset(data: DataConfig, split: str):
+    """The streamed ``split``: training a `StreamingImageCaptionDataset`, validation the first
+    ``num_validation_samples`` items of the validation files read into memory (an `ImageCaptionDataset`)."""
+    stream, files = _load_split(data, split, streaming=True)
+    where = f"{data.source} ({split})"
+    dataset = StreamingImageCaptionDataset(stream, files, data.image_column, data.caption_column, data.resolution,
+                                           data.random_crop, data.random_flip, data.skip_bad_images, where)
+    if split == "train":
+        return dataset
+    rows = list(stream.take(data.num_validation_samples))
+    if not rows:
+        raise ValueError(f"The validation files of {data.source} have no samples: {files}.")
+    images = _RowImages([row.get(dataset.image_column) for row in rows],
+                        [_describe_row(row, f"{where}, item {i}") for i, row in enumerate(rows)])
+    captions = [_row_caption(row, data.caption_column, images.describe(i)) for i, row in enumerate(rows)]
+    return ImageCaptionDataset(images, captions, list(range(len(rows))), data.resolution, data.random_crop,
+                               data.random_flip, skip_bad_images=data.skip_bad_images)
+
+
+class _RowImages:
+    """Images held in memory (a streamed validation split), by row."""
+
+    def __init__(self, values: list, names: list[str]):
+        self.values, self.names = values, names
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def describe(self, row: int) -> str:
+        return self.names[row]
+
+    def get(self, row: int):
+        if self.values[row] is None:
+            raise ValueError(f"{self.names[row]} has no image")
+        return _image_source(self.values[row], None)[0], self.names[row]
 
 
 def _held_out(num_items: int, num_validation: int, seed: int) -> np.ndarray:
@@ -522,6 +864,8 @@ def build_dataset(data: DataConfig, split: str = "train") -> torch.utils.data.Da
     if data.resolution is None:
         raise ValueError("resolution is not set: pass --resolution or set 'resolution' in the config's data section.")
     max_train = data.max_train_samples
+    if data.streaming and data.dataset_name is None and data.train_data_dir is None:
+        stream_source(data)  # the error that says why the built-in data does not stream
     if data.dataset_name is None and data.train_data_dir is None:
         count = data.num_train_samples if split == "train" else data.num_validation_samples
         if count is None:
@@ -531,6 +875,8 @@ def build_dataset(data: DataConfig, split: str = "train") -> torch.utils.data.Da
             count = min(count, max_train)
         return ShapesTrainingDataset(count, data.resolution, data.data_seed, split, data.random_flip)
 
+    if data.streaming:
+        return _streaming_dataset(data, split)
     images, captions, held_out = _user_records(data, split)
     rows = list(range(len(images)))
     if held_out:
@@ -550,9 +896,11 @@ def dataset_fingerprint(data: DataConfig, split: str = "train") -> str:
     """A stable hash of what defines ``build_dataset(data, split)``: change any of it and the hash changes.
 
     Shapes: generator version and source, seed, split, size, resolution. User data: the files' names, sizes,
-    modification and status-change times (local folders: an edit that keeps a file's size and modification time
-    still changes its status-change time) or the Hugging Face dataset fingerprint (hub). Both include the
-    preprocessing flags. Random crop/flip make items random, but the hash only describes the data.
+    modification and status-change times (local folders, tar shards included: an edit that keeps a file's size and
+    modification time still changes its status-change time), the resolved data files of a streamed Hub dataset
+    (its name, config and file URLs, which carry the revision), or the Hugging Face dataset fingerprint (hub).
+    Both include the preprocessing flags and, for streams and shards, the streaming settings. Random crop/flip
+    make items random, but the hash only describes the data.
     """
     _check_split(split)
     payload = {
@@ -570,12 +918,17 @@ def dataset_fingerprint(data: DataConfig, split: str = "train") -> str:
     payload.update(preprocessing=PREPROCESSING_VERSION, image_column=data.image_column,
                    caption_column=data.caption_column, num_validation_samples=data.num_validation_samples,
                    skip_bad_images=data.skip_bad_images)
+    if data.streaming or (data.dataset_name is None and _is_tar_folder(Path(data.train_data_dir))):
+        payload.update(streaming=data.streaming, num_validation_shards=data.num_validation_shards,
+                       shuffle_buffer_size=data.shuffle_buffer_size if data.streaming else None)
     if data.dataset_name is None:
         root = Path(data.train_data_dir)
         files = sorted(p for p in root.rglob("*") if p.is_file())
         payload.update(source=str(root.resolve()), files=[
             (str(p.relative_to(root)), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
             for p in files for stat in (p.stat(),)])
+    elif data.streaming:
+        payload.update(source=data.dataset_name, config=data.dataset_config_name, files=stream_source(data)[2])
     else:
         loaded = _load_hf_dataset(data)
         payload.update(source=data.dataset_name, config=data.dataset_config_name,
@@ -594,4 +947,6 @@ def dataset_captions(dataset) -> list[str]:
         return [dataset.shapes.scene(index).caption for index in range(len(dataset))]
     if isinstance(dataset, ImageCaptionDataset):
         return [dataset.captions[row] for row in dataset.rows]
+    if isinstance(dataset, StreamingImageCaptionDataset):
+        return dataset.captions()
     return [dataset[index]["caption"] for index in range(len(dataset))]
