@@ -229,6 +229,15 @@ class StageConfig:
                              if not f.metadata.get("run_only")},
                 "data": dataclasses.asdict(self.data)}
 
+    def option_defaults(self) -> dict:
+        """``{"training": {...}, "data": {...}}``: every option's schema default, for checkpoints written before an
+        option existed (an absent option there stands for its default)."""
+        def defaults(instance) -> dict:
+            return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(instance)
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+        return {"training": defaults(self.training), "data": defaults(self.data)}
+
 
 # --------------------------------------------------------------------------------------------------- checking
 

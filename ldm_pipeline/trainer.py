@@ -387,17 +387,27 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, glo
     return final
 
 
-def fingerprint_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """``["training.learning_rate: 0.001 -> 0.002", ...]`` for every leaf where two fingerprints differ."""
+def fingerprint_differences(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """``["training.learning_rate: 0.001 -> 0.002", ...]`` for every leaf where two fingerprints differ. A key the
+    saved fingerprint lacks (an option added since it was written) is no difference when the current value is the
+    option's default in ``defaults`` (same nesting)."""
     differences = []
+    defaults = defaults or {}
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         name = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
-            differences += fingerprint_differences(a, b, name + ".")
+            nested = defaults.get(key) if isinstance(defaults.get(key), dict) else None
+            differences += fingerprint_differences(a, b, name + ".", nested)
+        elif key not in saved and key in defaults and _same_json(defaults[key], b):
+            continue
         elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             differences.append(f"{name}: {a!r} -> {b!r}")
     return differences
+
+
+def _same_json(a, b) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 def archive_is_intact(path: Path) -> bool:
@@ -410,7 +420,7 @@ def archive_is_intact(path: Path) -> bool:
         return False
 
 
-def check_checkpoint(path: Path, num_processes: int, fingerprint: dict | None) -> None:
+def check_checkpoint(path: Path, num_processes: int, fingerprint: dict | None, defaults: dict | None = None) -> None:
     """Refuse a checkpoint that is damaged (a random-state file missing or unreadable, which would silently
     break exact resume) or that was saved by a different run."""
     for index in range(num_processes):
@@ -427,7 +437,7 @@ def check_checkpoint(path: Path, num_processes: int, fingerprint: dict | None) -
         return
     saved = json.loads(saved_file.read_text())
     current = json.loads(json.dumps(fingerprint, default=str))
-    differences = fingerprint_differences(saved, current)
+    differences = fingerprint_differences(saved, current, defaults=json.loads(json.dumps(defaults or {}, default=str)))
     if differences:
         shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
         raise ValueError(f"{path} belongs to a different run ({shown}). Resume with the same config, data and "
@@ -682,7 +692,7 @@ class StageTrainer:
         self.fingerprint = {**self.config.fingerprint(), "data_files": self.data_fingerprint, **(fingerprint or {})}
         path = resolve_resume_path(self.args.resume_from_checkpoint, self.output_dir, self.print)
         if path is not None:
-            check_checkpoint(path, self.accelerator.num_processes, self.fingerprint)
+            check_checkpoint(path, self.accelerator.num_processes, self.fingerprint, self.config.option_defaults())
             self.print(f"Resuming from {path}")
             self.accelerator.load_state(str(path))
             self.global_step = int(CHECKPOINT_PATTERN.match(path.name).group(1))

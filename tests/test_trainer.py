@@ -93,3 +93,19 @@ def test_accelerate_configs_parse_as_accelerate_reads_them(name, kind, processes
         assert config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
     if kind == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == 2
+
+
+def test_option_added_since_a_checkpoint_is_no_difference_at_its_default():
+    from ldm_pipeline.config import load_stage_config
+    from ldm_pipeline.trainer import fingerprint_differences
+
+    config = load_stage_config("text_encoder", ["--config", "configs/tiny/text_encoder_clip.json", "--output_dir", "x"])
+    current = json.loads(json.dumps(config.fingerprint(), default=str))
+    defaults = json.loads(json.dumps(config.option_defaults(), default=str))
+    saved = json.loads(json.dumps(current))
+    del saved["training"]["hard_negatives"], saved["data"]["streaming"]
+    assert fingerprint_differences(saved, current, defaults=defaults) == []
+    assert fingerprint_differences(saved, current) == ["data.streaming: None -> False",
+                                                       "training.hard_negatives: None -> False"]
+    current["training"]["hard_negatives"] = True
+    assert fingerprint_differences(saved, current, defaults=defaults) == ["training.hard_negatives: None -> True"]
