@@ -11,6 +11,8 @@ computes only the missing ones. The cache directory defaults to OUTPUT_DIR/../ca
 
 from __future__ import annotations
 
+import time
+
 from accelerate import Accelerator
 
 from ldm_pipeline.caching import open_or_build_cache
@@ -34,15 +36,17 @@ def main(argv: list[str] | None = None) -> dict:
     for frozen in (text_encoder, vae):
         frozen.requires_grad_(False).eval().to(accelerator.device)
     dataset = build_dataset(data, split="train")
+    start = time.perf_counter()
     cache = open_or_build_cache(config, accelerator, dataset, vae, text_encoder, tokenizer,
                                 frozen_stage_fingerprints(vae, text_encoder, tokenizer),
                                 dataset_fingerprint(data, "train"))
+    seconds = time.perf_counter() - start
     size = cache.size_on_disk()
     accelerator.print(f"Cache {cache.directory}: {len(cache)} samples, {cache.manifest['num_captions']} distinct "
-                      f"captions, {cache.num_shards} shards, {size / 2**20:.1f} MiB.")
+                      f"captions, {cache.num_shards} shards, {size / 2**20:.1f} MiB; ready in {seconds:.1f} s.")
     accelerator.end_training()
     return {"cache_dir": str(cache.directory), "num_samples": len(cache), "num_shards": cache.num_shards,
-            "size_bytes": size}
+            "size_bytes": size, "seconds": round(seconds, 3)}
 
 
 if __name__ == "__main__":
