@@ -148,6 +148,16 @@ def test_getitems_gathers_the_same_rows_as_per_item_access(built, reference):
     assert torch.equal(first["latent_std"], reference["std"][:5]) and first["index"].tolist() == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc/self/maps")
+def test_reads_leave_no_shard_mapped(built):
+    """A memory map left open would keep every page it touched in the process's memory: each gather closes its map."""
+    _, _, directory = built
+    cache = ShardedLatentCache(directory, json.loads((directory / MANIFEST).read_text())["key"])
+    batch = cache.__getitems__(list(range(NUM_SAMPLES)))
+    assert batch["latent_mean"].shape[0] == NUM_SAMPLES
+    assert str(directory) not in Path("/proc/self/maps").read_text()
+
+
 def count_vae_encodes(monkeypatch) -> dict:
     calls = {"images": 0}
     original = AutoencoderKL.encode
