@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm_pipeline.data import collate_examples, dataset_captions
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 from ldm_pipeline.trainer import atomic_file, check_writable, write_json_atomic
 
@@ -309,14 +310,15 @@ def compute_sample_shard(dataset, collate_fn: Callable, vae, caption_rows: dict[
             "caption_ids": torch.tensor(ids, dtype=torch.long)}
 
 
-def check_same_inputs(accelerator, num_samples: int, key: str) -> None:
-    """Stop every process with the same error, before any of them waits for the others, when the processes do
-    not see the same data or frozen models (a difference would otherwise corrupt the cache or hang a barrier)."""
+def agree_across_processes(accelerator, num_samples: int, key: str, complete: bool) -> bool:
+    """Whether every process found the cache complete; but first, stop every process with the same error, before
+    any of them waits for the others, when they do not see the same data or frozen models (a difference would
+    otherwise corrupt the cache or leave a process waiting at a barrier forever)."""
     if accelerator.num_processes == 1:
-        return
-    mine = torch.tensor([[num_samples, int(key[:15], 16)]], dtype=torch.long, device=accelerator.device)
+        return complete
+    mine = torch.tensor([[num_samples, int(key[:15], 16), int(complete)]], dtype=torch.long, device=accelerator.device)
     everyone = accelerator.gather(mine).cpu().tolist()
-    for index, (count, key_prefix) in enumerate(everyone):
+    for index, (count, key_prefix, _) in enumerate(everyone):
         if count != everyone[0][0]:
             raise ValueError(f"Process {index} has {count} training samples but process 0 has {everyone[0][0]}: "
                              "every process must read the same data (same --train_data_dir / flags on every "
@@ -324,6 +326,7 @@ def check_same_inputs(accelerator, num_samples: int, key: str) -> None:
         if key_prefix != everyone[0][1]:
             raise ValueError(f"Process {index} computed another cache key than process 0: every process must load "
                              "the same --vae, --text_encoder and data.")
+    return all(found for _, _, found in everyone)
 
 
 def build_cache(directory: Path, key: str, dataset, collate_fn: Callable, vae, text_encoder, tokenizer,
@@ -393,25 +396,22 @@ def open_or_build_cache(config, accelerator, dataset, vae, text_encoder, tokeniz
     shards are computed by all processes in parallel (``build_cache``), then every process opens it.
 
     Called by ``training/train_unet.py`` and ``training/cache_latents.py``, so both compute the same key."""
-    from ldm_pipeline.data import collate_examples, dataset_captions
-
     args = config.training
     storage = f"{args.cache_dtype}/{args.cache_shard_size}"
     key = cache_key(frozen_fingerprints, data_key, storage)
-    check_same_inputs(accelerator, len(dataset), key)
     directory = cache_directory(check_writable(default_cache_dir(args), "--cache_dir"), split, key)
     manifest_path = directory / MANIFEST
+    complete = False
     if manifest_path.is_file():
         manifest = read_manifest(directory, key)
         if manifest["num_samples"] != len(dataset):
             raise ValueError(f"Cache manifest {manifest_path} counts {manifest['num_samples']} samples but the data "
                              f"has {len(dataset)}: delete {directory} and run again.")
-        if not missing_shards(directory, manifest):
-            cache = ShardedLatentCache(directory, key)
-            accelerator.print(f"Reusing latent/text cache {directory} ({len(cache)} samples, {cache.num_shards} "
-                              "shards).")
-            return cache
-    accelerator.wait_for_everyone()
+        complete = not missing_shards(directory, manifest)
+    if agree_across_processes(accelerator, len(dataset), key, complete):
+        cache = ShardedLatentCache(directory, key)
+        accelerator.print(f"Reusing latent/text cache {directory} ({len(cache)} samples, {cache.num_shards} shards).")
+        return cache
     directory.mkdir(parents=True, exist_ok=True)
     captions = dataset_captions(dataset)
     num_captions = len(set(captions))

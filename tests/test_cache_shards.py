@@ -23,7 +23,7 @@ from ldm_pipeline import caching
 from ldm_pipeline.caching import (
     MANIFEST,
     ShardedLatentCache,
-    check_same_inputs,
+    agree_across_processes,
     encode_captions,
     encode_posterior,
     fp16_storage_error,
@@ -259,17 +259,18 @@ def test_fp16_storage_error_is_bounded_by_half_precision_rounding(built, referen
 
 
 def test_processes_that_disagree_on_the_data_stop_with_an_error_instead_of_waiting():
-    def fake_accelerator(other_count: int, other_key: str):
+    def fake_accelerator(other_count: int, other_key: str, other_complete: bool = True):
         def gather(mine):
-            return torch.cat([mine, torch.tensor([[other_count, int(other_key[:15], 16)]])])
+            return torch.cat([mine, torch.tensor([[other_count, int(other_key[:15], 16), int(other_complete)]])])
         return types.SimpleNamespace(num_processes=2, device=torch.device("cpu"), gather=gather)
 
     key = "ab" * 32
-    check_same_inputs(fake_accelerator(16, key), 16, key)
+    assert agree_across_processes(fake_accelerator(16, key), 16, key, complete=True)
+    assert not agree_across_processes(fake_accelerator(16, key, other_complete=False), 16, key, complete=True)
     with pytest.raises(ValueError, match="Process 1 has 12 training samples but process 0 has 16"):
-        check_same_inputs(fake_accelerator(12, key), 16, key)
+        agree_across_processes(fake_accelerator(12, key), 16, key, complete=True)
     with pytest.raises(ValueError, match="another cache key"):
-        check_same_inputs(fake_accelerator(16, "cd" * 32), 16, key)
+        agree_across_processes(fake_accelerator(16, "cd" * 32), 16, key, complete=False)
 
 
 def run_script(command: list[str]) -> str:
