@@ -2,37 +2,52 @@
 
 The U-Net stage trains on z_0 = (z - shift_factor) · scaling_factor with z ~ q_VAE(z | x) and on the context
 c = text_encoder(caption). Both frozen models are deterministic functions of the data, so their outputs are
-computed once per (VAE, text encoder + tokenizer, data, resolution) and stored as safetensors:
+computed once per (VAE, text encoder + tokenizer, data, resolution, storage) and stored on disk in a directory
+``CACHE_DIR/<split>-<key[:24]>/`` of fixed-size safetensors shards:
 
-    latent_mean, latent_std   FloatTensor[N, C, h, w]   mean and std of the VAE posterior q(z | x_i)
-    caption_ids               LongTensor[N]             row of ``text_embeds`` holding sample i's caption
-    text_embeds               FloatTensor[U, L, D]      ``encode_prompts`` of the U distinct captions
-    empty_embeds              FloatTensor[L, D]         the empty prompt "" (caption dropout / guidance)
+    manifest.json             key, format version, sample count, shard size, storage dtype, shapes, caption count
+    samples-00000.safetensors samples [0, S):
+        latent_mean, latent_std   [S, C, h, w]  mean and std of the VAE posterior q(z | x_i) (float32 or float16)
+        caption_ids               [S]           row of the text shards holding sample i's caption
+    text-00000.safetensors    rows [0, S) of the U sorted distinct captions:
+        text_embeds               [S, L, D]     ``encode_prompts`` of each distinct caption, once (deduplicated)
+        empty_embeds              [L, D]        the empty prompt "" (caption dropout / guidance; shard 0 only)
+
+Every shard is written atomically (``trainer.atomic_file``: temporary name, fsync, rename) with the SHA-256 of its
+tensors (``hash_tensors``) and the cache key in its metadata; a shard is checked against them the first time a
+run reads it. Process ``p`` of ``n`` computes shards ``p, p + n, ...``, so all processes build the cache together;
+a killed build keeps its finished shards and the next run computes only the missing ones.
+
+Training reads only the rows a batch needs (``ShardedLatentCache.__getitems__``: one sorted gather per shard from
+a memory map opened for that gather and closed after it), so memory does not grow with the number of samples.
 
 The posterior's mean *and* std are cached and a fresh latent z = mean + std · ε is drawn every step, as LDM
 (``DiagonalGaussianDistribution.sample``) and Diffusers' ``train_text_to_image.py`` do, so caching does not
-change the training distribution. The file name carries a SHA-256 key over the VAE's weights and config,
-the text encoder's weights and config, the tokenizer, and the data fingerprint: change any of them and a new
-cache is computed; the same inputs in a later run (or epoch) reuse the file.
+change the training distribution.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ldm_pipeline.data import collate_examples, dataset_captions
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
-from ldm_pipeline.trainer import atomic_file
+from ldm_pipeline.trainer import atomic_file, check_writable, write_json_atomic
 
-CACHE_FORMAT_VERSION = "2"
+CACHE_FORMAT_VERSION = "3"
+MANIFEST = "manifest.json"
+SHARD_METADATA = "ldm_pipeline_cache"
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+SAFETENSORS_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
 
 # ------------------------------------------------------------------------------------------------ fingerprints
 
@@ -56,16 +71,11 @@ def fingerprint_tokenizer(tokenizer) -> str:
     return hashlib.sha256(f"{rules}|{tokenizer.model_max_length}|{special}".encode()).hexdigest()
 
 
-def cache_key(frozen_fingerprints: dict[str, str], data_key: str) -> str:
-    """The cache's identity: one hash over the VAE, text encoder and tokenizer fingerprints and the data's."""
+def cache_key(frozen_fingerprints: dict[str, str], data_key: str, storage: str = "") -> str:
+    """The cache's identity: one hash over the format version, the VAE, text encoder and tokenizer fingerprints,
+    the data's fingerprint and the storage layout (dtype and shard size)."""
     parts = [CACHE_FORMAT_VERSION] + [frozen_fingerprints[name] for name in ("vae", "text_encoder", "tokenizer")]
-    return hashlib.sha256("|".join(parts + [data_key]).encode()).hexdigest()
-
-
-# ------------------------------------------------------------------------------------------------ the cache
-
-
-TENSOR_NAMES = ("latent_mean", "latent_std", "caption_ids", "text_embeds", "empty_embeds")
+    return hashlib.sha256("|".join(parts + [data_key, storage]).encode()).hexdigest()
 
 
 def hash_tensors(tensors: dict[str, torch.Tensor], digest=None) -> str:
@@ -79,64 +89,7 @@ def hash_tensors(tensors: dict[str, torch.Tensor], digest=None) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class LatentCache:
-    """Cached VAE posteriors and text embeddings of one dataset split (see the module docstring)."""
-
-    latent_mean: torch.Tensor
-    latent_std: torch.Tensor
-    caption_ids: torch.Tensor
-    text_embeds: torch.Tensor
-    empty_embeds: torch.Tensor
-    key: str = ""
-
-    def __len__(self) -> int:
-        return self.latent_mean.shape[0]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).contiguous() for name in TENSOR_NAMES}
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file, fsync, rename) so that an interrupted write is never reused, with a
-        SHA-256 checksum of the tensors so that a file damaged later is never used either."""
-        tensors = self.tensors()
-        with atomic_file(path) as partial:
-            save_file(tensors, str(partial), metadata={"key": self.key, "format_version": CACHE_FORMAT_VERSION,
-                                                       "sha256": hash_tensors(tensors)})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, key: str) -> "LatentCache":
-        """The cache stored at ``path``; ``ValueError`` when it belongs to other inputs or its bytes changed."""
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("key") != key:
-            raise ValueError(f"Cache {path} was computed for other inputs (key {metadata.get('key')} != {key}).")
-        tensors = load_file(str(path))
-        if hash_tensors(tensors) != metadata.get("sha256"):
-            raise ValueError(f"Cache {path} is damaged: its checksum does not match its tensors.")
-        return cls(**tensors, key=key)
-
-
-class CachedLatentDataset(torch.utils.data.Dataset):
-    """Items ``{"latent_mean", "latent_std", "prompt_embeds", "index"}`` of a ``LatentCache``, in dataset order."""
-
-    def __init__(self, cache: LatentCache):
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def __getitem__(self, index: int) -> dict:
-        return {
-            "latent_mean": self.cache.latent_mean[index],
-            "latent_std": self.cache.latent_std[index],
-            "prompt_embeds": self.cache.text_embeds[self.cache.caption_ids[index]],
-            "index": index,
-        }
-
-
-def cache_path(cache_dir: str | os.PathLike, split: str, key: str) -> Path:
-    return Path(cache_dir) / f"latents-{split}-{key[:24]}.safetensors"
+# ------------------------------------------------------------------------------------------------ frozen models
 
 
 @torch.no_grad()
@@ -156,56 +109,324 @@ def encode_captions(text_encoder, tokenizer, captions: Sequence[str], batch_size
     return torch.cat(embeds)
 
 
-def compute_cache(
-    dataset: torch.utils.data.Dataset,
-    collate_fn: Callable,
-    vae,
-    text_encoder,
-    tokenizer,
-    batch_size: int = 64,
-    key: str = "",
-) -> LatentCache:
-    """Run the VAE over every image and the text encoder over every distinct caption, once, in dataset order."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    means, stds, captions = [], [], []
+def fp16_storage_error(latent_mean: torch.Tensor, latent_std: torch.Tensor) -> dict[str, float]:
+    """Error of storing the posterior in float16, in units of the posterior's std (the scale of the noise that
+    ``sample_latents`` adds anyway): e = (fp16(x) - x) / std for x in {mean, std}, element-wise.
+    Returns ``{"max": max |e|, "rms": sqrt(mean e²)}`` over both tensors."""
+    errors = [(x.half().float() - x) / latent_std for x in (latent_mean.float(), latent_std.float())]
+    relative = torch.cat([e.flatten() for e in errors]).double()
+    return {"max": relative.abs().max().item(), "rms": relative.square().mean().sqrt().item()}
+
+
+# ------------------------------------------------------------------------------------------------ shard files
+
+
+def cache_directory(cache_dir: str | os.PathLike, split: str, key: str) -> Path:
+    return Path(cache_dir) / f"{split}-{key[:24]}"
+
+
+def shard_path(directory: Path, kind: str, index: int) -> Path:
+    """``directory/samples-00003.safetensors`` or ``directory/text-00003.safetensors``."""
+    return directory / f"{kind}-{index:05d}.safetensors"
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
+    """Write one shard atomically, with the cache key and the SHA-256 of its tensors in its metadata, so that the
+    same tensors always give the same bytes."""
+    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
+    metadata = {"key": key, "format_version": CACHE_FORMAT_VERSION, "sha256": hash_tensors(tensors)}
+    with atomic_file(path) as partial:  # one metadata entry: safetensors writes several in a random order
+        save_file(tensors, str(partial), metadata={SHARD_METADATA: json.dumps(metadata, sort_keys=True)})
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """``(header, data_start)`` of a safetensors file: the JSON header (``{name: {dtype, shape, data_offsets}}``,
+    ``__metadata__``) and the byte where the tensor data begins (format: 8-byte little-endian length + header)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    return header, 8 + length
+
+
+def damaged_shard_error(path: Path, reason: str) -> ValueError:
+    return ValueError(f"Cache shard {path} is damaged ({reason}): delete it and run again; only the missing "
+                      "shard is recomputed.")
+
+
+def verify_shard(path: Path, key: str) -> None:
+    """Check a shard's key and recompute the SHA-256 of its tensors against its metadata; the tensors are read
+    for the check and then dropped."""
+    try:
+        header, _ = read_header(path)
+        metadata = json.loads(header["__metadata__"][SHARD_METADATA])
+        tensors = load_file(str(path))
+    except Exception as error:  # a torn or overwritten file
+        raise damaged_shard_error(path, f"unreadable: {error}") from error
+    if metadata.get("key") != key:
+        raise damaged_shard_error(path, f"it belongs to another cache, key {metadata.get('key')}")
+    if hash_tensors(tensors) != metadata.get("sha256"):
+        raise damaged_shard_error(path, "its checksum does not match its contents")
+
+
+def gather_rows(path: Path, header: dict, data_start: int, name: str, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (sorted) of tensor ``name`` of a safetensors file, read through a memory map that is closed
+    when this returns (pages touched by a map that stays open would stay in the process's memory)."""
+    entry = header[name]
+    mapped = np.memmap(path, dtype=SAFETENSORS_NUMPY_DTYPES[entry["dtype"]], mode="r",
+                       offset=data_start + entry["data_offsets"][0], shape=tuple(entry["shape"]))
+    rows_read = np.array(mapped[rows])
+    del mapped
+    return rows_read
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def collate_gathered(batch: dict) -> dict:
+    """The DataLoader's ``collate_fn`` for ``ShardedLatentCache``: ``__getitems__`` already returns the batch."""
+    return batch
+
+
+class ShardedLatentCache(torch.utils.data.Dataset):
+    """The cache in ``directory`` as a training dataset: batch ``{"latent_mean", "latent_std" [B, C, h, w],
+    "prompt_embeds" [B, L, D], "index" [B]}`` (float32), read from the shards on access."""
+
+    def __init__(self, directory: str | os.PathLike, key: str):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory, key)
+        self.key = key
+        self.shard_size = self.manifest["shard_size"]
+        self._headers: dict[Path, tuple[dict, int]] = {}
+
+    def __len__(self) -> int:
+        return self.manifest["num_samples"]
+
+    @property
+    def num_shards(self) -> int:
+        return self.manifest["num_sample_shards"] + self.manifest["num_text_shards"]
+
+    def _header(self, path: Path) -> tuple[dict, int]:
+        """The shard's header, read (and the shard verified, ``verify_shard``) the first time this object uses it."""
+        if path not in self._headers:
+            if not path.is_file():
+                raise FileNotFoundError(f"Cache shard {path} is missing: run again (or training/cache_latents.py) "
+                                        "to recompute it.")
+            verify_shard(path, self.key)
+            self._headers[path] = read_header(path)
+        return self._headers[path]
+
+    def _gather(self, kind: str, names: Sequence[str], indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows ``indices`` of the ``kind`` shards' tensors ``names``, in the order of ``indices``: one sorted
+        gather per shard."""
+        shards, rows = np.divmod(indices, self.shard_size)
+        gathered = {}
+        for shard in np.unique(shards):
+            positions = np.flatnonzero(shards == shard)
+            unique_rows, inverse = np.unique(rows[positions], return_inverse=True)
+            path = shard_path(self.directory, kind, int(shard))
+            header, data_start = self._header(path)
+            for name in names:
+                values = gather_rows(path, header, data_start, name, unique_rows)
+                if name not in gathered:
+                    gathered[name] = np.empty((len(indices), *values.shape[1:]), dtype=values.dtype)
+                gathered[name][positions] = values[inverse]
+        return gathered
+
+    def __getitems__(self, indices: Sequence[int]) -> dict:
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"indices out of range for a cache of {len(self)} samples")
+        samples = self._gather("samples", ("latent_mean", "latent_std", "caption_ids"), indices)
+        text = self._gather("text", ("text_embeds",), samples["caption_ids"])
+        return {
+            "latent_mean": torch.from_numpy(samples["latent_mean"]).float(),  # [B, C, h, w]
+            "latent_std": torch.from_numpy(samples["latent_std"]).float(),
+            "prompt_embeds": torch.from_numpy(text["text_embeds"]).float(),  # [B, L, D]
+            "index": torch.from_numpy(indices),
+        }
+
+    def __getitem__(self, index: int) -> dict:
+        batch = self.__getitems__([index])
+        return {name: values[0] for name, values in batch.items()}
+
+    def empty_embeds(self) -> torch.Tensor:
+        """Embedding of the empty prompt "", FloatTensor[L, D]."""
+        path = shard_path(self.directory, "text", 0)
+        header, data_start = self._header(path)
+        return torch.from_numpy(gather_rows(path, header, data_start, "empty_embeds", slice(None))).float()
+
+    def size_on_disk(self) -> int:
+        return sum(path.stat().st_size for path in self.directory.iterdir() if path.is_file())
+
+
+def read_manifest(directory: Path, key: str) -> dict:
+    """The manifest of a finished cache directory, checked against ``key`` and against the directory's name."""
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Cache manifest {path} is unreadable ({error}): delete {directory} and run again.") from None
+    if not str(manifest.get("key", "")).startswith(directory.name.rsplit("-", 1)[-1]):
+        raise ValueError(f"Cache manifest {path} has key {manifest.get('key')}, which does not match its directory "
+                         f"name {directory.name}: the directory was renamed or copied over; delete it and run again.")
+    if manifest["key"] != key or manifest.get("format_version") != CACHE_FORMAT_VERSION:
+        raise ValueError(f"Cache {directory} was computed for other inputs (key {manifest['key']}, format "
+                         f"{manifest.get('format_version')}; expected {key}, format {CACHE_FORMAT_VERSION}): delete "
+                         "it and run again.")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def shards_of(num_rows: int, shard_size: int, process_index: int, num_processes: int) -> list[int]:
+    """The shards process ``process_index`` of ``num_processes`` computes: ``p, p + n, p + 2n, ...``."""
+    return list(range(process_index, math.ceil(num_rows / shard_size), num_processes))
+
+
+def remove_partial_files(path: Path) -> None:
+    """Delete what a killed writer of ``path`` left (``atomic_file``'s ``.NAME.partial-PID``)."""
+    for partial in path.parent.glob(f".{path.name}.partial-*"):
+        partial.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def compute_sample_shard(dataset, collate_fn: Callable, vae, caption_rows: dict[str, int], start: int, stop: int,
+                         batch_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """VAE posteriors and caption rows of samples [start, stop), in batches of ``batch_size`` from ``start``."""
+    subset = torch.utils.data.Subset(dataset, range(start, stop))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    means, stds, ids = [], [], []
     for batch in loader:
         mean, std = encode_posterior(vae, batch["pixel_values"])
         means.append(mean)
         stds.append(std)
-        captions += list(batch["captions"])
+        for caption in batch["captions"]:
+            if caption not in caption_rows:
+                raise ValueError(f"The caption {caption!r} of the training data changed while the cache was built: "
+                                 "run again on unchanged data.")
+            ids.append(caption_rows[caption])
+    return {"latent_mean": torch.cat(means).to(dtype), "latent_std": torch.cat(stds).to(dtype),
+            "caption_ids": torch.tensor(ids, dtype=torch.long)}
+
+
+def agree_across_processes(accelerator, num_samples: int, key: str, complete: bool) -> bool:
+    """Whether every process found the cache complete; but first, stop every process with the same error, before
+    any of them waits for the others, when they do not see the same data or frozen models (a difference would
+    otherwise corrupt the cache or leave a process waiting at a barrier forever)."""
+    if accelerator.num_processes == 1:
+        return complete
+    mine = torch.tensor([[num_samples, int(key[:15], 16), int(complete)]], dtype=torch.long, device=accelerator.device)
+    everyone = accelerator.gather(mine).cpu().tolist()
+    for index, (count, key_prefix, _) in enumerate(everyone):
+        if count != everyone[0][0]:
+            raise ValueError(f"Process {index} has {count} training samples but process 0 has {everyone[0][0]}: "
+                             "every process must read the same data (same --train_data_dir / flags on every "
+                             "machine).")
+        if key_prefix != everyone[0][1]:
+            raise ValueError(f"Process {index} computed another cache key than process 0: every process must load "
+                             "the same --vae, --text_encoder and data.")
+    return all(found for _, _, found in everyone)
+
+
+def build_cache(directory: Path, key: str, dataset, collate_fn: Callable, vae, text_encoder, tokenizer,
+                captions: Sequence[str], shard_size: int, batch_size: int, dtype: torch.dtype,
+                process_index: int = 0, num_processes: int = 1) -> int:
+    """Compute this process's missing shards (``shards_of``) of the cache in ``directory``; returns how many.
+
+    ``captions`` are the samples' captions in dataset order (``dataset_captions``); their sorted distinct values
+    are the text rows."""
     distinct = sorted(set(captions))
-    row = {caption: i for i, caption in enumerate(distinct)}
-    return LatentCache(
-        latent_mean=torch.cat(means),
-        latent_std=torch.cat(stds),
-        caption_ids=torch.tensor([row[c] for c in captions], dtype=torch.long),
-        text_embeds=encode_captions(text_encoder, tokenizer, distinct, batch_size),
-        empty_embeds=encode_captions(text_encoder, tokenizer, [""])[0],
-        key=key,
-    )
+    caption_rows = {caption: row for row, caption in enumerate(distinct)}
+    computed = 0
+    for shard in shards_of(len(dataset), shard_size, process_index, num_processes):
+        path = shard_path(directory, "samples", shard)
+        if path.is_file():
+            continue
+        remove_partial_files(path)
+        start, stop = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
+        write_shard(path, compute_sample_shard(dataset, collate_fn, vae, caption_rows, start, stop, batch_size,
+                                               dtype), key)
+        computed += 1
+    for shard in shards_of(len(distinct), shard_size, process_index, num_processes):
+        path = shard_path(directory, "text", shard)
+        if path.is_file():
+            continue
+        remove_partial_files(path)
+        rows = distinct[shard * shard_size:(shard + 1) * shard_size]
+        tensors = {"text_embeds": encode_captions(text_encoder, tokenizer, rows, batch_size)}
+        if shard == 0:
+            tensors["empty_embeds"] = encode_captions(text_encoder, tokenizer, [""])[0]
+        write_shard(path, tensors, key)
+        computed += 1
+    return computed
 
 
-def load_or_compute_cache(
-    cache_dir: str | os.PathLike,
-    split: str,
-    key: str,
-    compute: Callable[[], LatentCache],
-    log: Callable[[str], None] = print,
-) -> tuple[LatentCache, bool]:
-    """``(cache, reused)``: the stored cache for ``key`` if there is one, else ``compute()`` saved under ``cache_dir``."""
-    path = cache_path(cache_dir, split, key)
-    if path.is_file():
-        try:
-            cache = LatentCache.load(path, key)
-            log(f"Reusing latent/text cache {path} ({len(cache)} samples).")
-            return cache, True
-        except Exception as error:  # a truncated or foreign file: recompute it
-            log(f"Ignoring unreadable cache {path} ({error}); recomputing.")
-    log(f"Computing latent/text cache {path} (VAE and text encoder run once over the {split} data).")
-    cache = compute()
-    cache.key = key
-    cache.save(path)
-    return cache, False
+def write_manifest(directory: Path, key: str, split: str, num_samples: int, num_captions: int, shard_size: int,
+                   storage_dtype: str) -> dict:
+    """Write ``manifest.json`` of a cache whose shards are all written; the shapes are read from shard 0."""
+    samples, _ = read_header(shard_path(directory, "samples", 0))
+    text, _ = read_header(shard_path(directory, "text", 0))
+    manifest = {
+        "key": key, "format_version": CACHE_FORMAT_VERSION, "split": split, "num_samples": num_samples,
+        "shard_size": shard_size, "num_sample_shards": math.ceil(num_samples / shard_size),
+        "num_text_shards": math.ceil(num_captions / shard_size), "storage_dtype": storage_dtype,
+        "latent_shape": samples["latent_mean"]["shape"][1:], "text_shape": text["empty_embeds"]["shape"],
+        "num_captions": num_captions,
+    }
+    write_json_atomic(directory / MANIFEST, manifest)
+    return manifest
+
+
+def missing_shards(directory: Path, manifest: dict) -> list[Path]:
+    paths = [shard_path(directory, "samples", i) for i in range(manifest["num_sample_shards"])]
+    paths += [shard_path(directory, "text", i) for i in range(manifest["num_text_shards"])]
+    return [path for path in paths if not path.is_file()]
+
+
+def default_cache_dir(args) -> Path:
+    """``--cache_dir``, else OUTPUT_DIR/../cache."""
+    return Path(args.cache_dir) if args.cache_dir else Path(args.output_dir).resolve().parent / "cache"
+
+
+def open_or_build_cache(config, accelerator, dataset, vae, text_encoder, tokenizer, frozen_fingerprints: dict,
+                        data_key: str, split: str = "train") -> ShardedLatentCache:
+    """The cache of the U-Net stage ``config`` (``UNetTrainingConfig``: ``cache_dir``, ``cache_dtype``,
+    ``cache_shard_size``, ``cache_batch_size``) over ``dataset``: reused when it is complete, else its missing
+    shards are computed by all processes in parallel (``build_cache``), then every process opens it.
+
+    Called by ``training/train_unet.py`` and ``training/cache_latents.py``, so both compute the same key."""
+    args = config.training
+    storage = f"{args.cache_dtype}/{args.cache_shard_size}"
+    key = cache_key(frozen_fingerprints, data_key, storage)
+    directory = cache_directory(check_writable(default_cache_dir(args), "--cache_dir"), split, key)
+    manifest_path = directory / MANIFEST
+    complete = False
+    if manifest_path.is_file():
+        manifest = read_manifest(directory, key)
+        if manifest["num_samples"] != len(dataset):
+            raise ValueError(f"Cache manifest {manifest_path} counts {manifest['num_samples']} samples but the data "
+                             f"has {len(dataset)}: delete {directory} and run again.")
+        complete = not missing_shards(directory, manifest)
+    if agree_across_processes(accelerator, len(dataset), key, complete):
+        cache = ShardedLatentCache(directory, key)
+        accelerator.print(f"Reusing latent/text cache {directory} ({len(cache)} samples, {cache.num_shards} shards).")
+        return cache
+    directory.mkdir(parents=True, exist_ok=True)
+    captions = dataset_captions(dataset)
+    num_captions = len(set(captions))
+    accelerator.print(f"Computing latent/text cache {directory}: {len(dataset)} samples, {num_captions} distinct "
+                      f"captions, shards of {args.cache_shard_size}, {accelerator.num_processes} process(es); "
+                      "finished shards are kept.")
+    computed = build_cache(directory, key, dataset, collate_examples, vae, text_encoder, tokenizer, captions,
+                           args.cache_shard_size, args.cache_batch_size, STORAGE_DTYPES[args.cache_dtype],
+                           accelerator.process_index, accelerator.num_processes)
+    accelerator.print(f"Process {accelerator.process_index} computed {computed} shard(s); waiting for the others.")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not manifest_path.is_file():
+        write_manifest(directory, key, split, len(dataset), num_captions, args.cache_shard_size, args.cache_dtype)
+    accelerator.wait_for_everyone()
+    return ShardedLatentCache(directory, key)
 
 
 def sample_latents(
@@ -217,16 +438,3 @@ def sample_latents(
     if shift_factor is not None:
         latents = latents - shift_factor
     return latents * scaling_factor
-
-
-def load_shared_cache(accelerator, cache_dir: str | os.PathLike, split: str, key: str,
-                      compute: Callable[[], LatentCache]) -> LatentCache:
-    """The cache for ``key``: the main process reuses or computes it first, then every other process reads the
-    file it wrote (the frozen models run once, not once per process)."""
-    cache = None
-    if accelerator.is_main_process:
-        cache, _ = load_or_compute_cache(cache_dir, split, key, compute, accelerator.print)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        cache, _ = load_or_compute_cache(cache_dir, split, key, compute, accelerator.print)
-    return cache

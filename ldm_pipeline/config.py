@@ -187,6 +187,11 @@ class UNetTrainingConfig(TrainingConfig):
                                    "caching.", run_only=True)
     cache_dir: str | None = option(None, "Latent/text cache directory (default OUTPUT_DIR/../cache).", run_only=True)
     cache_batch_size: int = option(64, "Batch size of the caching pass.", gt=0, run_only=True)
+    cache_dtype: str = option("float32", "Storage dtype of the cached VAE posteriors (float16 halves the cache; "
+                                         "its error is printed by benchmarks/bench_scale.py).",
+                              choices=("float32", "float16"))
+    cache_shard_size: int = option(1024, "Samples (and distinct captions) per cache shard file.", gt=0,
+                                   run_only=True)
     snapshot_steps: int | None = option(None, "Every N steps also save the (EMA) U-Net alone to "
                                               "OUTPUT_DIR/snapshots/step-N, for benchmarks/time_to_quality.py. "
                                               "Unlike checkpoints these are never pruned.", gt=0, run_only=True)

@@ -258,24 +258,24 @@ def test_every_shipped_config_passes_the_schema(path):
 # ------------------------------------------------------------------------------------- caches and data edits
 
 
-def test_a_cache_with_flipped_bytes_is_recomputed_not_used(tmp_path):
-    from ldm_pipeline.caching import LatentCache, cache_path, load_or_compute_cache
+def test_a_cache_shard_with_flipped_bytes_is_an_error_naming_it(tmp_path):
+    from ldm_pipeline.caching import ShardedLatentCache, shard_path, write_manifest, write_shard
 
-    def compute():
-        return LatentCache(latent_mean=torch.zeros(2, 4, 2, 2), latent_std=torch.ones(2, 4, 2, 2),
-                           caption_ids=torch.tensor([0, 1]), text_embeds=torch.ones(2, 3, 8),
-                           empty_embeds=torch.zeros(3, 8))
-
-    cache, reused = load_or_compute_cache(tmp_path, "train", "k" * 64, compute, log=lambda *_: None)
-    assert not reused
-    path = cache_path(tmp_path, "train", "k" * 64)
+    key = "k" * 64
+    directory = tmp_path / f"train-{key[:24]}"
+    write_shard(shard_path(directory, "samples", 0), {"latent_mean": torch.zeros(2, 4, 2, 2),
+                                                      "latent_std": torch.ones(2, 4, 2, 2),
+                                                      "caption_ids": torch.tensor([0, 1])}, key)
+    write_shard(shard_path(directory, "text", 0), {"text_embeds": torch.ones(2, 3, 8),
+                                                   "empty_embeds": torch.zeros(3, 8)}, key)
+    write_manifest(directory, key, "train", num_samples=2, num_captions=2, shard_size=4, storage_dtype="float32")
+    assert torch.equal(ShardedLatentCache(directory, key)[1]["prompt_embeds"], torch.ones(3, 8))
+    path = shard_path(directory, "text", 0)
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF  # a bit flip in the tensor data, after the header
     path.write_bytes(bytes(raw))
-    messages = []
-    again, reused = load_or_compute_cache(tmp_path, "train", "k" * 64, compute, log=messages.append)
-    assert not reused and any("checksum does not match" in m for m in messages)
-    assert torch.equal(again.text_embeds, torch.ones(2, 3, 8))
+    with pytest.raises(ValueError, match=r"text-00000\.safetensors is damaged \(its checksum does not match"):
+        ShardedLatentCache(directory, key)[1]
 
 
 def test_an_image_edited_with_the_same_size_and_time_changes_the_data_fingerprint(tmp_path):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae, run_stage
 from ldm_pipeline import LatentDiffusionPipeline
-from ldm_pipeline.caching import LatentCache, cache_path
+from ldm_pipeline.caching import MANIFEST, ShardedLatentCache, read_manifest
 from ldm_pipeline.trainer import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,14 +103,14 @@ def test_cache_is_reused_and_invalidated(stages, tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
     run_stage("unet", base_args(stages, tmp_path / "a", "--max_train_steps", "1", cache_dir=cache_dir))
     assert calls["vae"] > 0
-    first_files = sorted(cache_dir.glob("*.safetensors"))
-    assert len(first_files) == 1
-    mtime = first_files[0].stat().st_mtime_ns
+    first_dirs = sorted(cache_dir.iterdir())
+    assert len(first_dirs) == 1
+    mtimes = {p: p.stat().st_mtime_ns for p in first_dirs[0].iterdir()}
 
     calls["vae"] = 0
     run_stage("unet", base_args(stages, tmp_path / "b", "--max_train_steps", "2", cache_dir=cache_dir))
     assert calls["vae"] == 0, "a second run with the same VAE, text encoder and data must not run the VAE"
-    assert first_files[0].stat().st_mtime_ns == mtime
+    assert {p: p.stat().st_mtime_ns for p in first_dirs[0].iterdir()} == mtimes
     assert losses(tmp_path / "b")[0] == losses(tmp_path / "a")[0]
 
     changed_vae = make_tiny_vae(RESOLUTION)
@@ -121,26 +121,21 @@ def test_cache_is_reused_and_invalidated(stages, tmp_path, monkeypatch):
     argv[argv.index("--vae") + 1] = str(tmp_path / "vae2")
     run_stage("unet", argv)
     assert calls["vae"] > 0, "changed VAE weights must recompute the cache"
-    assert len(list(cache_dir.glob("*.safetensors"))) == 2
+    assert len(list(cache_dir.iterdir())) == 2
 
     calls["vae"] = 0
     run_stage("unet", base_args(stages, tmp_path / "d", "--max_train_steps", "1", "--num_train_samples", "12",
                          cache_dir=cache_dir))
     assert calls["vae"] > 0, "changed data must recompute the cache"
 
-    cache_file = sorted(cache_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)[-1]
-    cache = LatentCache.load(cache_file, load_file_metadata_key(cache_file))
-    assert cache.latent_mean.shape == (12, 4, RESOLUTION // 2, RESOLUTION // 2)
-    assert (cache.latent_std > 0).all() and cache.empty_embeds.shape == (16, 32)
+    directory = max(cache_dir.iterdir(), key=lambda p: (p / MANIFEST).stat().st_mtime_ns)
+    key = json.loads((directory / MANIFEST).read_text())["key"]
+    cache = ShardedLatentCache(directory, key)
+    batch = cache.__getitems__(range(len(cache)))
+    assert batch["latent_mean"].shape == (12, 4, RESOLUTION // 2, RESOLUTION // 2)
+    assert (batch["latent_std"] > 0).all() and cache.empty_embeds().shape == (16, 32)
     with pytest.raises(ValueError, match="other inputs"):
-        LatentCache.load(cache_file, "0" * 64)
-
-
-def load_file_metadata_key(path: Path) -> str:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()["key"]
+        read_manifest(directory, key[:24] + "0" * 40)
 
 
 def test_cached_training_equals_the_reference_loop(trained, stages, tmp_path):
@@ -219,7 +214,8 @@ def launch_two_processes(argv: list[str]) -> str:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"), str(REPO / "training" / "train_unet.py"),
                *argv]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout

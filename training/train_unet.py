@@ -10,10 +10,11 @@ Per step (``ldm_pipeline.unet.DenoisingObjective``; DDPM's training algorithm on
     t ~ U{0..T-1},  ε ~ N(0, I) (+ offset noise),  z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε
     loss = w(t) · || target - unet(z_t, t, c) ||²,  target = ε or v,  w = 1 or Min-SNR-γ
 
-The frozen VAE and text encoder run once over the data and their outputs are cached on disk (``--cache_dir``,
-default OUT/../cache), unless ``--no_cache`` (the reference loop of Diffusers' train_text_to_image.py: both run
-on every step). Writes the whole pipeline to OUT (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-scheduler/), OUT/train_log.jsonl ({step, loss, lr, elapsed_s}), OUT/unet_metrics.json, validation grids in
+The frozen VAE and text encoder run once over the data and their outputs are cached on disk in shards that all
+processes build together (``--cache_dir``, default OUT/../cache; ``training/cache_latents.py`` builds it ahead),
+unless ``--no_cache`` (the reference loop of Diffusers' train_text_to_image.py: both run on every step). Writes
+the whole pipeline to OUT (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+OUT/train_log.jsonl ({step, loss, lr, elapsed_s}), OUT/unet_metrics.json, validation grids in
 OUT/validation/step-N.png, tensorboard logs in OUT/logs and resumable states in OUT/checkpoints.
 """
 
@@ -25,7 +26,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ldm_pipeline.attention import enable_memory_efficient_attention
-from ldm_pipeline.caching import CachedLatentDataset, cache_key, compute_cache, load_shared_cache, sample_latents
+from ldm_pipeline.caching import collate_gathered, open_or_build_cache, sample_latents
 from ldm_pipeline.config import load_stage_config
 from ldm_pipeline.data import build_dataset, collate_examples
 from ldm_pipeline.diffusion import build_noise_scheduler, caption_dropout_mask
@@ -34,7 +35,7 @@ from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 from ldm_pipeline.schedulers import scheduler_from_name
 from ldm_pipeline.text_encoder import load_pretrained_text_encoder
-from ldm_pipeline.trainer import StageTrainer, check_writable
+from ldm_pipeline.trainer import StageTrainer
 from ldm_pipeline.unet import (
     DenoisingObjective,
     build_unet,
@@ -79,12 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
                       "encoder run every step, as with --no_cache).")
         use_cache = False
     if use_cache:
-        cache_dir = check_writable(args.cache_dir or trainer.output_dir.resolve().parent / "cache", "--cache_dir")
-        cache = load_shared_cache(
-            trainer.accelerator, cache_dir, "train", cache_key(frozen_fingerprints, trainer.data_fingerprint),
-            lambda: compute_cache(train_dataset, collate_examples, vae, text_encoder, tokenizer, args.cache_batch_size))
-        empty_embeds = cache.empty_embeds.to(device)
-        loader_dataset, collate_fn = CachedLatentDataset(cache), None
+        cache = open_or_build_cache(config, trainer.accelerator, train_dataset, vae, text_encoder, tokenizer,
+                                    frozen_fingerprints, trainer.data_fingerprint)
+        empty_embeds = cache.empty_embeds().to(device)
+        loader_dataset, collate_fn = cache, collate_gathered
     else:
         loader_dataset, collate_fn = train_dataset, collate_examples
 
