@@ -158,9 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.num_pairs < 1:
         parser.error(f"argument --num_pairs: must be at least 1, got {args.num_pairs}")
-    torch.set_grad_enabled(False)
-    rows = {directory: binding_scores(load_towers(directory), args.num_pairs, args.seed, args.resolution)
-            for directory in args.text_encoder}
+    with torch.no_grad():
+        rows = {directory: binding_scores(load_towers(directory), args.num_pairs, args.seed, args.resolution)
+                for directory in args.text_encoder}
     print(f"{args.num_pairs} pairs per family, seed {args.seed}, {args.resolution} px; accuracy chance 0.5")
     for family in FAMILIES:
         print(f"  {family}: {' / '.join(next(iter(rows.values()))[family]['example'])}")

@@ -190,3 +190,10 @@ def run_stage(stage: str, argv: list[str]) -> dict:
 
     return run_in_process(importlib.import_module(f"training.train_{stage}").main,
                           ["--num_threads", str(TEST_THREADS), *argv])
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_left_as_found():
+    """A test (or the code it runs) that leaves autograd off would break every later test: fail it instead."""
+    yield
+    assert torch.is_grad_enabled(), "autograd was left disabled (torch.set_grad_enabled(False) without a restore)"
