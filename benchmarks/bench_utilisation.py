@@ -1,6 +1,6 @@
 """How close each stage's step runs to what this machine can do: FLOPs counted, time measured, ratio to peak.
 
-    python benchmarks/bench_utilisation.py [--size demo] [--steps 20] [--threads N]
+    python benchmarks/bench_utilisation.py [--size demo] [--steps 20] [--threads N] [--profile "U-Net, cached"]
 
 For every stage of ``configs/<size>`` (random weights: only the sizes matter for speed) it counts the floating-point
 operations of one training step (forward, backward and AdamW; ``torch.utils.flop_counter.FlopCounterMode``, which
@@ -12,6 +12,11 @@ the best of several 2048 x 2048 fp32 matrix products (2 n^3 FLOPs each) with the
 Rows: the text encoder's contrastive step, the VAE's autoencoder step (L1 + KL; the PatchGAN is off in the demo),
 the U-Net's step on cached latents and text states, the same step with the VAE and text encoder run every step
 (the reference loop), and one sampling step at batch 16.
+
+``--profile ROW`` (a substring of a row name) then shows where that step's time goes: ``torch.profiler`` over
+``--steps`` steps, the operators grouped by kind (convolutions, matrix products, attention, normalisation,
+optimizer, element-wise and other), each with its share of the step's time and of its FLOPs, and the GFLOP/s the
+convolutions and matrix products reach on their own.
 """
 
 from __future__ import annotations
@@ -185,6 +190,61 @@ def stage_steps(size: str, sampling_batch: int = 16, batch: int | None = None, o
     return rows
 
 
+OP_KINDS = (  # (kind, substrings of ATen operator names), first match wins
+    ("convolution", ("convolution",)),
+    ("matrix product", ("addmm", "bmm", "mm", "matmul", "linear")),
+    ("attention", ("scaled_dot_product", "softmax", "flash_attention")),
+    ("normalisation", ("group_norm", "layer_norm", "batch_norm")),
+    ("optimizer", ("_foreach", "adam", "lerp", "addcdiv", "addcmul", "sqrt")),
+)
+
+
+def op_kind(name: str) -> str:
+    """The kind of an ATen operator (``aten::convolution_backward`` -> convolution); "element-wise and other" for
+    activations, arithmetic, copies and reductions."""
+    parts = name.replace("::", ".").split(".")  # "aten::mm", "aten.mm", "aten.mm.default" -> "mm"
+    bare = parts[1] if len(parts) > 1 else parts[0]
+    return next((kind for kind, keys in OP_KINDS if any(key in bare for key in keys)), "element-wise and other")
+
+
+def profile_step(step, steps: int) -> list[dict]:
+    """Per ``op_kind``: the self CPU time of its ATen operators over ``steps`` calls of ``step`` (``torch.profiler``)
+    and its FLOPs over as many calls (``FlopCounterMode``, which counts matrix products, convolutions and
+    attention)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    kinds: dict[str, dict] = {}
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            kind = kinds.setdefault(op_kind(event.key), {"seconds": 0.0, "flops": 0, "top": {}})
+            kind["seconds"] += event.self_cpu_time_total / 1e6
+            kind["top"][event.key] = kind["top"].get(event.key, 0.0) + event.self_cpu_time_total / 1e6
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        kinds.setdefault(op_kind(str(op)), {"seconds": 0.0, "flops": 0, "top": {}})["flops"] += flops * steps
+    return [{"kind": name, "seconds": k["seconds"], "flops": k["flops"],
+             "top": sorted(k["top"].items(), key=lambda item: -item[1])[:3]}
+            for name, k in sorted(kinds.items(), key=lambda item: -item[1]["seconds"])]
+
+
+def print_profile(name: str, kinds: list[dict], peak: float) -> None:
+    total_s = sum(k["seconds"] for k in kinds)
+    total_flops = sum(k["flops"] for k in kinds) or 1
+    print(f"\nwhere the time of '{name}' goes (torch.profiler, self CPU time of ATen operators):")
+    print(f"{'kind':<24}{'time':>8}{'FLOPs':>8}{'GFLOP/s':>9}{'of peak':>9}  largest operators")
+    for k in kinds:
+        gflops = k["flops"] / k["seconds"] / 1e9 if k["seconds"] and k["flops"] else 0.0
+        top = ", ".join(f"{op.split('::')[-1]} {seconds / total_s:.0%}" for op, seconds in k["top"])
+        print(f"{k['kind']:<24}{k['seconds'] / total_s:>8.0%}{k['flops'] / total_flops:>8.0%}"
+              f"{gflops:>9.1f}{(gflops / peak if gflops else 0):>9.0%}  {top}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="demo", help="configs/<size>/{text_encoder,vae,unet}.json")
@@ -192,12 +252,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice).")
     parser.add_argument("--sampling_batch", type=int, default=16)
     parser.add_argument("--out", default=None, help="Also write the rows as JSON here.")
+    parser.add_argument("--profile", default=None, help="Row (substring of its name) whose time to break down by "
+                                                        "operator kind.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     peak = matmul_peak_gflops()
-    rows = [measure(name, step, batch, args.steps, peak)
-            for name, step, batch in stage_steps(args.size, args.sampling_batch)]
+    steps = stage_steps(args.size, args.sampling_batch)
+    rows = [measure(name, step, batch, args.steps, peak) for name, step, batch in steps]
 
     print(f"\nconfigs/{args.size}, torch threads {torch.get_num_threads()}, fp32 matmul peak {peak:.1f} GFLOP/s "
           f"({PEAK_SIZE}x{PEAK_SIZE}, best of 10)")
@@ -205,9 +267,16 @@ def main() -> None:
     for row in rows:
         print(f"{row['stage']:<40}{row['batch']:>6}{row['gflop_per_image']:>11.3f}{row['seconds_per_step']:>9.3f}"
               f"{row['images_per_second']:>9.1f}{row['gflops']:>9.1f}{row['share_of_peak']:>9.0%}")
+    profiled = None
+    if args.profile:
+        name, step, _ = next((row for row in steps if args.profile in row[0]), (None, None, None))
+        if name is None:
+            parser.error(f"--profile {args.profile!r} matches no row: {', '.join(row[0] for row in steps)}")
+        profiled = {"stage": name, "kinds": profile_step(step, args.steps)}
+        print_profile(name, profiled["kinds"], peak)
     if args.out:
-        Path(args.out).write_text(json.dumps({"peak_gflops": peak, "threads": torch.get_num_threads(), "rows": rows},
-                                             indent=2))
+        Path(args.out).write_text(json.dumps({"peak_gflops": peak, "threads": torch.get_num_threads(), "rows": rows,
+                                              "profile": profiled}, indent=2))
 
 
 if __name__ == "__main__":
