@@ -23,7 +23,12 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) benchmarks/bench_utilisation.py
+	$(PY) benchmarks/bench_utilisation.py --profile "U-Net, cached"
+	$(PY) benchmarks/bench_step_options.py --steps 10
+	$(PY) benchmarks/bench_under_load.py
+	$(PY) benchmarks/bench_scale.py
+	$(PY) benchmarks/bench_streaming.py
+	$(PY) benchmarks/scale_plan.py
 	$(PY) benchmarks/bench_shapes.py
 	$(PY) benchmarks/bench_unet_training.py
 	$(PY) benchmarks/bench_unet_training.py --size gpu --steps 5 --batch_size 8 --check
