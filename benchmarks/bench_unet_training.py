@@ -158,6 +158,10 @@ def main() -> int:
     for name, metrics in (("cached (latents + text embeddings on disk)", cached),
                           ("reference (VAE + text encoder every step)", reference)):
         print(f"{name:<44}{metrics['images_per_second']:>10.1f}{batch_size / metrics['images_per_second']:>10.3f}")
+    shares = cached.get("loop_shares")
+    if shares:
+        print(f"cached loop's time: the step {shares['step']:.1%}, waiting for data {shares['data']:.1%}, work around "
+              f"the step (EMA, logs, checkpoints) {shares['around_the_step']:.1%} (target <= 5%)")
     print("work the cache removes, seconds per batch: " + ", ".join(f"{k} {v:.3f}" for k, v in removed.items())
           + f" (sum {sum(removed.values()):.3f}; cached step {cached['seconds_per_step']:.3f})")
     print(f"speed-up: {speedup:.2f}x (required >= {REQUIRED_SPEEDUP}x); one-time cache build for {num_samples} "

@@ -589,6 +589,8 @@ class StageTrainer:
         self.train_seconds = 0.0
         # CPU only: the intra-op thread count follows the load of other processes (ldm_pipeline.threads).
         self.threads = ThreadGovernor(args.num_threads) if self.device.type == "cpu" else None
+        self.loop_seconds = {"step": 0.0, "data": 0.0, "around_the_step": 0.0}
+        self._batch_ready_at = self._step_done_at = None
 
     # -- set-up
 
@@ -718,13 +720,21 @@ class StageTrainer:
         """The micro-batches from the current step to ``max_train_steps`` (see ``train_batches``, and
         ``stream_train_batches`` for a `StreamLoader`)."""
         if isinstance(dataloader, StreamLoader):
-            for batch in stream_train_batches(dataloader, self.global_step, self.args.max_train_steps,
-                                              self.args.gradient_accumulation_steps, self.device):
-                yield batch
-                self.micro_step += 1
-            return
-        for _, batch in train_batches(self.accelerator, dataloader, sampler, self.global_step,
-                                      self.args.max_train_steps, self.args.gradient_accumulation_steps):
+            source = stream_train_batches(dataloader, self.global_step, self.args.max_train_steps,
+                                          self.args.gradient_accumulation_steps, self.device)
+        else:
+            source = (batch for _, batch in train_batches(self.accelerator, dataloader, sampler, self.global_step,
+                                                          self.args.max_train_steps,
+                                                          self.args.gradient_accumulation_steps))
+        while True:
+            requested_at = time.perf_counter()
+            if self._step_done_at is not None:
+                self.loop_seconds["around_the_step"] += requested_at - self._step_done_at
+            batch = next(source, None)
+            if batch is None:
+                return
+            self._batch_ready_at = time.perf_counter()
+            self.loop_seconds["data"] += self._batch_ready_at - requested_at
             yield batch
             self.micro_step += 1
 
@@ -752,7 +762,13 @@ class StageTrainer:
 
     def end_micro_step(self, **values: torch.Tensor | float) -> bool:
         """Average ``values`` over processes and accumulation steps; after an optimizer update (True) advance the
-        step, update the EMA, log, and save a checkpoint when one is due."""
+        step, update the EMA, log, and save a checkpoint when one is due. The loop's time is split three ways
+        (``loop_seconds``, in the stage's metrics): waiting for the batch, the step itself (from the batch to this
+        call) and the work around the step (from this call to the next batch request: EMA, logs, checkpoints,
+        snapshots, validation)."""
+        self._step_done_at = time.perf_counter()
+        if self._batch_ready_at is not None:
+            self.loop_seconds["step"] += self._step_done_at - self._batch_ready_at
         if self.threads is not None:
             self.threads.maybe_adjust()
         names = sorted(values)
@@ -839,6 +855,10 @@ class StageTrainer:
                 self.print(skipped)
             if self.threads is not None:
                 metrics["threads"] = self.threads.summary()
+            total = sum(self.loop_seconds.values())
+            if total > 0:
+                metrics["loop_seconds"] = {name: round(seconds, 2) for name, seconds in self.loop_seconds.items()}
+                metrics["loop_shares"] = {name: round(seconds / total, 4) for name, seconds in self.loop_seconds.items()}
             write_json_atomic(self.output_dir / f"{self.stage}_metrics.json", metrics)
             self.write_model_card(card_stage_dirs, base_models)
         self.accelerator.wait_for_everyone()

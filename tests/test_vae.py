@@ -243,6 +243,10 @@ def test_training_loss_falls_and_outputs_are_written(tiny_run):
     assert "d_loss" not in history[2] and "d_loss" in history[3] and history[3]["gan_weight"] > 0
     saved = json.loads((out / "vae_metrics.json").read_text())
     assert saved == metrics and {"psnr", "ssim", "scaling_factor", "latent_std"} <= saved.keys()
+    loop = saved["loop_seconds"]
+    assert set(loop) == {"step", "data", "around_the_step"} and min(loop.values()) >= 0 and loop["step"] > 0
+    assert sum(loop.values()) <= saved["train_seconds_this_run"] + 0.05
+    assert sum(saved["loop_shares"].values()) == pytest.approx(1, abs=1e-3)
     assert saved["latent_shape"] == [4, 8, 8] and saved["train_steps"] == 6 and saved["ema"]
     grid = Image.open(out / "reconstructions.png")
     assert grid.size == (4 * 32, 2 * 32)

@@ -190,6 +190,7 @@ def main(argv=None) -> dict:
         "vae": read_json(vae_dir / "vae_metrics.json"),
         "evaluation": read_json(eval_dir / "report.json"),
         "threads": stage_threads({"text_encoder": text_dir, "vae": vae_dir, "unet": pipeline_dir}),
+        "unet_loop_shares": read_json(pipeline_dir / "unet_metrics.json").get("loop_shares"),
         "sample_grid": str(samples_dir / "grid.png"),
         "pipeline": str(pipeline_dir),
     }
@@ -271,6 +272,10 @@ def format_summary(summary: dict) -> str:
     if threads:
         lines += ["", "- CPU threads: " + "; ".join(f"{STAGE_NAMES.get(name, name)} {describe_threads(figures)}"
                                                   for name, figures in threads.items())]
+    shares = summary.get("unet_loop_shares")
+    if shares:
+        lines.append(f"- U-Net loop: the step {shares['step']:.1%}, waiting for data {shares['data']:.1%}, work around "
+                     f"the step (EMA, logs, checkpoints, snapshots) {shares['around_the_step']:.1%}")
     lines += ["", f"- sample grid: {summary['sample_grid']}", f"- pipeline: {summary['pipeline']}", ""]
     return "\n".join(lines)
 
