@@ -30,7 +30,7 @@ bench: install
 	$(PY) benchmarks/bench_streaming.py
 	$(PY) benchmarks/scale_plan.py
 	$(PY) benchmarks/bench_shapes.py
-	$(PY) benchmarks/bench_unet_training.py
+	$(PY) benchmarks/bench_unet_training.py --steps 40
 	$(PY) benchmarks/bench_unet_training.py --size gpu --steps 5 --batch_size 8 --check
 	$(PY) benchmarks/bench_pipeline.py
 
