@@ -24,18 +24,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_unet_training import steady_seconds_per_step  # noqa: E402
 from ldm_pipeline.data.export import export_shapes, export_shapes_shards  # noqa: E402
 from ldm_pipeline.trainer import run_in_process  # noqa: E402
 from training import train_vae  # noqa: E402
 
 REQUIRED_RATIO = 0.9
-
-
-def images_per_second(output_dir: Path, batch_size: int) -> float:
-    """(steps - 1) x batch / (elapsed at the last step - elapsed at the first), from OUT/train_log.jsonl."""
-    elapsed = [record["elapsed_s"] for line in (output_dir / "train_log.jsonl").read_text().splitlines()
-               if "elapsed_s" in (record := json.loads(line))]
-    return (len(elapsed) - 1) * batch_size / (elapsed[-1] - elapsed[0])
 
 
 def train(config: Path, data_args: list[str], output_dir: Path, args) -> float:
@@ -45,7 +40,7 @@ def train(config: Path, data_args: list[str], output_dir: Path, args) -> float:
             "--num_validation_samples", str(args.shard_size), "--validation_steps", str(args.steps + 1), *data_args]
     with contextlib.redirect_stderr(io.StringIO()):
         run_in_process(train_vae.main, argv)
-    return images_per_second(output_dir, args.batch_size)
+    return args.batch_size / steady_seconds_per_step(output_dir)
 
 
 def main() -> int:

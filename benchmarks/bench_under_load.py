@@ -35,9 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_unet_training import build_random_stages  # noqa: E402
+from bench_unet_training import build_random_stages, steady_seconds_per_step  # noqa: E402
 from ldm_pipeline.threads import available_cores, omp_thread_cap, others_busy, read_cpu_sample  # noqa: E402
-from ldm_pipeline.trainer import TRAIN_LOG, read_jsonl, run_in_process  # noqa: E402
+from ldm_pipeline.trainer import run_in_process  # noqa: E402
 from training import train_unet, train_vae  # noqa: E402
 
 MAX_SLOWDOWN = 2.5
@@ -76,15 +76,6 @@ def measure_other_load(seconds: float = 1.0) -> float:
     start = read_cpu_sample()
     time.sleep(seconds)
     return others_busy(start, read_cpu_sample())
-
-
-def steady_seconds_per_step(output_dir: Path) -> float:
-    """Seconds per optimizer step after the first one (warm-up), from the step records of OUT/train_log.jsonl
-    (validation records carry no ``elapsed_s``)."""
-    elapsed = [record["elapsed_s"] for record in read_jsonl(output_dir / TRAIN_LOG) if "elapsed_s" in record]
-    if len(elapsed) < 2:
-        return elapsed[0]
-    return (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1)
 
 
 def train(main, argv: list[str], output_dir: Path) -> dict:

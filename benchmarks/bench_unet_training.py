@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from ldm_pipeline.trainer import run_in_process  # noqa: E402
+from ldm_pipeline.trainer import TRAIN_LOG, read_jsonl, run_in_process  # noqa: E402
 from training import train_unet  # noqa: E402
 
 REQUIRED_SPEEDUP = 1.5
@@ -76,8 +76,9 @@ def run(argv: list[str]) -> tuple[dict, float]:
 
 
 def steady_seconds_per_step(output_dir: Path) -> float:
-    """Seconds per optimizer step after the first one (which includes one-time warm-up)."""
-    elapsed = [json.loads(line)["elapsed_s"] for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    """Seconds per optimizer step after the first one (which includes one-time warm-up), from the step records of
+    OUT/train_log.jsonl (validation records carry no ``elapsed_s``)."""
+    elapsed = [record["elapsed_s"] for record in read_jsonl(output_dir / TRAIN_LOG) if "elapsed_s" in record]
     if len(elapsed) < 2:
         return elapsed[0]
     return (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1)

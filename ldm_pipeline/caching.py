@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from ldm_pipeline.data import collate_examples, dataset_captions
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
-from ldm_pipeline.trainer import atomic_file, check_writable, write_json_atomic
+from ldm_pipeline.trainer import atomic_file, check_writable, remove_partial_files, write_json_atomic
 
 CACHE_FORMAT_VERSION = "3"
 MANIFEST = "manifest.json"
@@ -282,12 +282,6 @@ def read_manifest(directory: Path, key: str) -> dict:
 def shards_of(num_rows: int, shard_size: int, process_index: int, num_processes: int) -> list[int]:
     """The shards process ``process_index`` of ``num_processes`` computes: ``p, p + n, p + 2n, ...``."""
     return list(range(process_index, math.ceil(num_rows / shard_size), num_processes))
-
-
-def remove_partial_files(path: Path) -> None:
-    """Delete what a killed writer of ``path`` left (``atomic_file``'s ``.NAME.partial-PID``)."""
-    for partial in path.parent.glob(f".{path.name}.partial-*"):
-        partial.unlink(missing_ok=True)
 
 
 @torch.no_grad()

@@ -76,13 +76,24 @@ def _fsync_dir(path) -> None:
         os.close(fd)
 
 
+def partial_file(path: Path, writer: str | int) -> Path:
+    """The temporary name ``atomic_file`` writes ``path`` under: ``.NAME.partial-WRITER`` (WRITER: the process id)."""
+    return path.with_name(f".{path.name}.partial-{writer}")
+
+
+def remove_partial_files(path: Path) -> None:
+    """Delete what killed writers of ``path`` left behind (``atomic_file``'s temporary files)."""
+    for partial in path.parent.glob(partial_file(path, "*").name):
+        partial.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike):
     """Yield a temporary path beside ``path`` to write; on success it is fsynced and renamed over ``path``, so
     readers see the old file or the whole new one, never a torn one. On failure the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial = partial_file(path, os.getpid())
     try:
         yield partial
         with open(partial, "rb") as f:
@@ -401,7 +412,7 @@ def fingerprint_differences(saved: dict, current: dict, prefix: str = "", defaul
             differences += fingerprint_differences(a, b, name + ".", nested)
         elif key not in saved and key in defaults and _same_json(defaults[key], b):
             continue
-        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+        elif not _same_json(a, b):
             differences.append(f"{name}: {a!r} -> {b!r}")
     return differences
 
