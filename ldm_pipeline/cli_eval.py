@@ -33,6 +33,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ldm_pipeline.cli_generate import noise_level
 from ldm_pipeline.config import data_config_from_args
 from ldm_pipeline.data import add_data_args, build_dataset
 from ldm_pipeline.data.shapes import CATEGORIES
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", default=None, help="Sampler name (default: the pipeline's own).")
     parser.add_argument("--steps", type=int, default=50, help="Number of inference steps.")
     parser.add_argument("--guidance_scale", type=float, default=4.0, help="Classifier-free guidance scale.")
+    parser.add_argument("--guidance_interval", type=noise_level, nargs=2, default=None, metavar=("SIGMA_LO", "SIGMA_HI"),
+                        help="Guide only the steps whose noise level sigma lies in (SIGMA_LO, SIGMA_HI] "
+                             "(default: every step).")
     parser.add_argument("--batch_size", type=int, default=16, help="Images generated per pipeline call.")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
     parser.add_argument("--classifier", default=None, help=f"Object classifier directory (default: {WEIGHTS_DIR}).")
@@ -116,9 +120,11 @@ def generate_images(args: argparse.Namespace, prompts: list[str]) -> tuple[list[
     """Sample one image per prompt with the pipeline in ``args.model``; returns (images, settings)."""
     pipe = load_pipeline(args)
     start = time.time()
-    images = sample_images(pipe, prompts, args.seed, args.steps, args.guidance_scale, args.batch_size, args.resolution)
+    images = sample_images(pipe, prompts, args.seed, args.steps, args.guidance_scale, args.batch_size, args.resolution,
+                           guidance_interval=args.guidance_interval)
     settings = {"scheduler": pipe.scheduler.__class__.__name__, "steps": args.steps,
-                "guidance_scale": args.guidance_scale, "batch_size": args.batch_size, "device": str(pipe.device),
+                "guidance_scale": args.guidance_scale, "guidance_interval": args.guidance_interval,
+                "batch_size": args.batch_size, "device": str(pipe.device),
                 "resolution": images[0].width, "generation_seconds": round(time.time() - start, 2)}
     return images, settings
 
@@ -199,8 +205,8 @@ def evaluate_user_data(args: argparse.Namespace) -> dict:
     towers = load_stage_one_towers(args.text_stage, fit_dataset=train_dataset)
     return evaluate_on_user_data(
         pipe, towers, heldout_dataset, train_dataset, out=args.out, num_images=args.num_images, seed=args.seed,
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-        k=args.knn_k, percentile=args.memorization_percentile, max_train_images=args.max_train_images,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval,
+        batch_size=args.batch_size, k=args.knn_k, percentile=args.memorization_percentile, max_train_images=args.max_train_images,
         grid_images=args.grid_images, model_name=str(args.model), report_fields={
             "unet": args.unet, "text_stage": str(args.text_stage),
             "data": args.train_data_dir or args.dataset_name or "built-in shapes",

@@ -26,7 +26,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 from ldm_pipeline.errors import run_cli
-from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline
+from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline, check_guidance_interval
 from ldm_pipeline.schedulers import SCHEDULER_NAMES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -55,6 +55,14 @@ def non_negative_finite_float(text: str) -> float:
     return value
 
 
+def noise_level(text: str) -> float:
+    """argparse type: a noise level σ >= 0 (``inf`` allowed, NaN not)."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a noise level >= 0 (inf allowed), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm-generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Pipeline directory (LatentDiffusionPipeline.save_pretrained).")
@@ -65,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=positive_int, default=50, help="Number of inference steps.")
     parser.add_argument("--guidance_scale", type=finite_float, default=7.5,
                         help="Classifier-free guidance scale (<= 1: off).")
+    parser.add_argument("--guidance_interval", type=noise_level, nargs=2, default=None,
+                        metavar=("SIGMA_LO", "SIGMA_HI"),
+                        help="Guide only the steps whose noise level sigma lies in (SIGMA_LO, SIGMA_HI]; the others "
+                             "run the U-Net once instead of twice (default: every step).")
     parser.add_argument("--eta", type=non_negative_finite_float, default=0.0, help="DDIM eta (0: deterministic).")
     parser.add_argument("--height", type=positive_int, default=None,
                         help="Image height (default: the U-Net's sample size).")
@@ -126,6 +138,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     pipe = LatentDiffusionPipeline.from_pretrained(args.model)
     if args.scheduler:
         pipe.set_scheduler(args.scheduler)
+    check_guidance_interval(args.guidance_interval, pipe.scheduler)
     pipe = pipe.to(device, DTYPES[args.dtype])
     if args.enable_xformers_memory_efficient_attention:
         pipe.enable_xformers_memory_efficient_attention()
@@ -137,6 +150,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         num_images_per_prompt=args.num_images,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
+        guidance_interval=args.guidance_interval,
         eta=args.eta,
         height=args.height,
         width=args.width,

@@ -10,6 +10,7 @@ Components: ``tokenizer`` + ``text_encoder`` (CLIP or T5, stage 1), ``vae`` (``A
     z_T ~ N(0, I) · init_noise_sigma
     for t in scheduler.timesteps:
         eps = eps_u + w · (eps_c - eps_u),   [eps_u, eps_c] = unet([z_t, z_t], t, [c_0, c])   (w = guidance_scale)
+        (with guidance_interval=(σ_lo, σ_hi): eps = eps_c = unet(z_t, t, c) where σ_t is outside (σ_lo, σ_hi])
         z_{t-1} = scheduler.step(eps, t, z_t)
     image = vae.decode(z_0 / scaling_factor + shift_factor)
 
@@ -41,7 +42,7 @@ from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel
 
 from ldm_pipeline.attention import xformers_unavailable_reason
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
-from ldm_pipeline.schedulers import scheduler_from_name
+from ldm_pipeline.schedulers import scheduler_from_name, timestep_sigma
 from ldm_pipeline.vae import vae_scale_factor
 
 logger = logging.getLogger(__name__)
@@ -190,6 +191,24 @@ def sample_in_inference_mode(call: Callable) -> Callable:
     return wrapper
 
 
+def check_guidance_interval(guidance_interval, scheduler: SchedulerMixin) -> tuple[float, float] | None:
+    """``guidance_interval`` as ``(σ_lo, σ_hi)`` floats with ``0 <= σ_lo < σ_hi``, or None; ``ValueError`` otherwise."""
+    if guidance_interval is None:
+        return None
+    try:
+        low, high = (float(bound) for bound in guidance_interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"`guidance_interval` must be two noise levels (σ_lo, σ_hi), got {guidance_interval!r}.") from None
+    if math.isnan(low) or math.isnan(high) or not 0 <= low < high:
+        raise ValueError(f"`guidance_interval` ({low}, {high}) must satisfy 0 <= σ_lo < σ_hi "
+                         "(e.g. (0.3, 5.0); (0, inf) guides every step).")
+    try:
+        timestep_sigma(scheduler, 0)
+    except ValueError as error:
+        raise ValueError(f"`guidance_interval`: {error}") from None
+    return low, high
+
+
 def warn_if_clipping_latents(scheduler: SchedulerMixin) -> None:
     if getattr(scheduler.config, "clip_sample", False):
         logger.warning(
@@ -319,6 +338,23 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
     def do_classifier_free_guidance(self) -> bool:
         """Guidance ``eps_u + w (eps_c - eps_u)`` is on for ``w > 1``; ``w <= 1`` runs the conditional batch only."""
         return self._guidance_scale > 1
+
+    @property
+    def guidance_interval(self) -> tuple[float, float] | None:
+        return self._guidance_interval
+
+    def guides_at(self, timestep) -> bool:
+        """Whether step ``timestep`` is guided: classifier-free guidance is on and ``σ_t`` lies in ``guidance_interval``.
+
+        Kynkäänniemi et al. 2024 (arXiv:2404.07724) apply the guided denoiser only for ``σ ∈ (σ_lo, σ_hi]``
+        and the conditional one elsewhere; an unguided step runs the U-Net on the conditional half of the batch only.
+        """
+        if not self.do_classifier_free_guidance:
+            return False
+        if self._guidance_interval is None:
+            return True
+        low, high = self._guidance_interval
+        return low < timestep_sigma(self.scheduler, timestep) <= high
 
     @property
     def cross_attention_kwargs(self) -> dict[str, Any] | None:
@@ -547,6 +583,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_interval: tuple[float, float] | None = None,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ) -> ImagePipelineOutput | tuple:
@@ -573,6 +610,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
             return_dict (`bool`): return an `ImagePipelineOutput` rather than the tuple ``(images,)``.
             cross_attention_kwargs (`dict`): passed to the U-Net's attention processors at every step, as in
                 ``StableDiffusionPipeline`` (e.g. the extra arguments of a custom ``AttnProcessor``).
+            guidance_interval (`tuple[float, float]`, optional): ``(σ_lo, σ_hi)``; guide only the steps whose noise
+                level ``σ_t = sqrt((1 - ᾱ_t) / ᾱ_t)`` lies in ``(σ_lo, σ_hi]`` and use the conditional prediction
+                at the others, which cost one U-Net batch instead of two (Kynkäänniemi et al. 2024,
+                arXiv:2404.07724). None (default) guides every step.
             callback_on_step_end (`Callable` or `PipelineCallback`): called after every step as
                 ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict``; returned
                 ``"latents"``/``"prompt_embeds"``/``"negative_prompt_embeds"`` replace the current ones. As in
@@ -609,6 +650,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale}.")
         warn_if_clipping_latents(self.scheduler)
         self._guidance_scale = guidance_scale
+        self._guidance_interval = check_guidance_interval(guidance_interval, self.scheduler)
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
 
@@ -659,18 +701,22 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
                 if self.interrupt:
                     continue
 
-                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                guided = self.guides_at(t)
+                latent_model_input = torch.cat([latents] * 2) if guided else latents
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                context = prompt_embeds
+                if self.do_classifier_free_guidance and not guided:
+                    context = prompt_embeds.chunk(2)[1]
 
                 noise_pred = self.unet(
                     latent_model_input,
                     t,
-                    encoder_hidden_states=prompt_embeds,
+                    encoder_hidden_states=context,
                     cross_attention_kwargs=self.cross_attention_kwargs,
                     return_dict=False,
                 )[0]
 
-                if self.do_classifier_free_guidance:
+                if guided:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                     noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Mapping
 
+import numpy as np
+import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -79,3 +81,20 @@ def scheduler_from_name(name: str, config: Mapping[str, Any] | SchedulerMixin | 
     if "clip_sample" in inspect.signature(scheduler_class.__init__).parameters and "clip_sample" not in config:
         overrides["clip_sample"] = False
     return scheduler_class.from_config(config, **overrides)
+
+
+def timestep_sigma(scheduler: SchedulerMixin, timestep: float | torch.Tensor) -> float:
+    """The noise level ``σ_t = sqrt((1 - ᾱ_t) / ᾱ_t)`` of training timestep ``t`` on ``scheduler``'s schedule.
+
+    ``σ`` is the standard deviation of the noise in ``z_t / sqrt(ᾱ_t) = z_0 + σ_t ε``, the variance-exploding
+    view of the variance-preserving process (Karras et al. 2022, arXiv:2206.00364, Table 1). Fractional timesteps
+    (Euler-type samplers with ``timestep_spacing="linspace"``) are interpolated linearly in ``t``, as those
+    schedulers do. Raises ``ValueError`` for a scheduler without ``alphas_cumprod``.
+    """
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        raise ValueError(f"{type(scheduler).__name__} has no `alphas_cumprod`, so its timesteps have no noise level "
+                         "σ: use a DDPM-family scheduler (ddpm, ddim, dpm++, euler, unipc, ...).")
+    alphas_cumprod = np.asarray(torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu())
+    sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+    return float(np.interp(float(timestep), np.arange(len(sigmas)), sigmas))

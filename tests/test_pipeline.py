@@ -4,8 +4,9 @@ save/load, bad input, xFormers fallback and the ldm-generate CLI."""
 
 from __future__ import annotations
 
-import re
 import io
+import math
+import re
 import json
 import logging
 import sys
@@ -21,6 +22,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -29,6 +31,8 @@ from PIL import Image
 from transformers import CLIPTextModel, T5EncoderModel
 
 from ldm_pipeline import LatentDiffusionPipeline
+from ldm_pipeline.pipeline_latent_diffusion import check_guidance_interval
+from ldm_pipeline.schedulers import timestep_sigma
 from ldm_pipeline.cli_generate import main as generate_main
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 
@@ -346,18 +350,26 @@ def test_progress_bar_counts_the_steps(pipe):
 # ------------------------------------------------------------------------------------------------ guidance
 
 
-def manual_sampling_loop(components, scheduler, prompts, negative_prompts, noise, steps, guidance_scale):
-    """The sampling algorithm written out: eps = eps_u + w (eps_c - eps_u); z <- scheduler.step(eps, t, z)."""
+def manual_sampling_loop(components, scheduler, prompts, negative_prompts, noise, steps, guidance_scale,
+                         guided_sigmas=None):
+    """The sampling algorithm written out: eps = eps_u + w (eps_c - eps_u); z <- scheduler.step(eps, t, z).
+
+    With ``guided_sigmas=(lo, hi)``, w applies only where lo < σ_t <= hi, σ_t = sqrt((1 - ᾱ_t) / ᾱ_t) computed here
+    from the betas with numpy (Kynkäänniemi et al. 2024); elsewhere eps = eps_c."""
     unet = components["unet"]
     cond = embed(components, prompts)
     uncond = embed(components, negative_prompts)
     scheduler.set_timesteps(steps)
+    alpha_bar = np.cumprod(1 - scheduler.betas.double().numpy())
+    sigma = np.sqrt((1 - alpha_bar) / alpha_bar)
     latents = noise * scheduler.init_noise_sigma
     with torch.no_grad():
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(latents, t)
             eps_cond = unet(model_input, t, encoder_hidden_states=cond).sample
-            if guidance_scale > 1:
+            sigma_t = np.interp(float(t), np.arange(len(sigma)), sigma)
+            in_interval = guided_sigmas is None or guided_sigmas[0] < sigma_t <= guided_sigmas[1]
+            if guidance_scale > 1 and in_interval:
                 eps_uncond = unet(model_input, t, encoder_hidden_states=uncond).sample
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
             else:
@@ -385,6 +397,68 @@ def test_classifier_free_guidance_equals_the_formula_in_one_batched_unet_call(co
         components, EulerDiscreteScheduler(**SCHEDULE), PROMPTS, ["", ""], noise, 3, guidance_scale
     )
     torch.testing.assert_close(latents, expected, atol=1e-4, rtol=1e-4)  # batched vs separate calls: float32 noise
+
+
+def test_timestep_sigma_equals_the_euler_schedulers_own_sigmas():
+    scheduler = EulerDiscreteScheduler(**SCHEDULE)
+    scheduler.set_timesteps(7)
+    assert any(float(t) != int(t) for t in scheduler.timesteps)  # fractional timesteps: interpolated
+    ours = [timestep_sigma(scheduler, t) for t in scheduler.timesteps]
+    np.testing.assert_allclose(ours, scheduler.sigmas[:-1].numpy(), rtol=1e-5)
+
+
+def test_guidance_interval_guides_only_the_steps_inside_it(components):
+    noise = torch.randn(2, *LATENT_SHAPE, generator=seeded(3))
+    scheduler = EulerDiscreteScheduler(**SCHEDULE)
+    scheduler.set_timesteps(4)
+    sigmas = scheduler.sigmas[:-1].tolist()  # decreasing
+    interval = ((sigmas[2] + sigmas[3]) / 2, (sigmas[0] + sigmas[1]) / 2)  # guides steps 1 and 2 only
+    pipe, spy = spied_pipeline(components, EulerDiscreteScheduler(**SCHEDULE))
+    latents = run(pipe, guidance_scale=4.0, guidance_interval=interval, latents=noise, steps=4, output_type="latent")
+
+    assert [call["sample"].shape[0] for call in spy.calls] == [2, 4, 4, 2]
+    torch.testing.assert_close(spy.calls[0]["context"], embed(components, PROMPTS))
+    torch.testing.assert_close(spy.calls[1]["context"][:2], embed(components, ["", ""]))
+    expected = manual_sampling_loop(
+        components, EulerDiscreteScheduler(**SCHEDULE), PROMPTS, ["", ""], noise, 4, 4.0, guided_sigmas=interval
+    )
+    torch.testing.assert_close(latents, expected, atol=1e-4, rtol=1e-4)
+    unguided_everywhere = manual_sampling_loop(
+        components, EulerDiscreteScheduler(**SCHEDULE), PROMPTS, ["", ""], noise, 4, 4.0
+    )
+    assert (latents - unguided_everywhere).abs().max() > 1e-3
+
+
+def test_guidance_interval_covering_every_step_changes_nothing(pipe):
+    np.testing.assert_array_equal(run(pipe, guidance_interval=(0.0, math.inf)), run(pipe))
+
+
+@pytest.mark.parametrize("interval", [(5.0, 1.0), (-1.0, 2.0), (1.0, 1.0), (float("nan"), 1.0), (1.0,), "wide"])
+def test_guidance_interval_rejects_what_is_not_an_interval(pipe, interval):
+    with pytest.raises(ValueError, match="`guidance_interval`"):
+        run(pipe, guidance_interval=interval)
+
+
+def test_guidance_interval_needs_a_scheduler_with_a_noise_schedule():
+    with pytest.raises(ValueError, match="`guidance_interval`: FlowMatchEulerDiscreteScheduler has no `alphas_cumprod`"):
+        check_guidance_interval((0.5, 5.0), FlowMatchEulerDiscreteScheduler())
+
+
+def test_cli_guidance_interval_flag(tiny_pipeline_dir, tmp_path, capsys):
+    argv = ["--model", str(tiny_pipeline_dir), "--prompt", "a red cat", "--steps", "3", "--guidance_scale", "3",
+            "--guidance_interval", "1", "inf", "--out", str(tmp_path / "cli")]
+    generate_main(argv)
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("a red cat", num_inference_steps=3, guidance_scale=3.0, guidance_interval=(1.0, math.inf),
+                    generator=seeded(0)).images[0]
+    image = next((tmp_path / "cli").glob("000_000*.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(image)), np.asarray(expected))
+
+    with pytest.raises(SystemExit):
+        generate_main(argv[:-5] + ["--guidance_interval", "5", "1", "--out", str(tmp_path / "bad")])
+    assert "`guidance_interval` (5.0, 1.0) must satisfy 0 <= σ_lo < σ_hi" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 # ------------------------------------------------------------------------------------------------ reference check

@@ -26,9 +26,11 @@ def to_model_range(images: Sequence[Image.Image]) -> torch.Tensor:
 
 
 def sample_images(pipe, prompts: Sequence[str], seed: int, num_inference_steps: int, guidance_scale: float,
-                  batch_size: int, resolution: int | None = None, desc: str = "generating") -> list[Image.Image]:
+                  batch_size: int, resolution: int | None = None, desc: str = "generating",
+                  guidance_interval: tuple[float, float] | None = None) -> list[Image.Image]:
     """One image per prompt, ``batch_size`` per pipeline call, image ``k`` from noise seeded
-    ``seed * NOISE_SEED_STRIDE + k`` (so the images do not depend on the batch size); a tqdm bar counts them."""
+    ``seed * NOISE_SEED_STRIDE + k`` (so the images do not depend on the batch size); a tqdm bar counts them.
+    ``guidance_interval`` is passed to the pipeline (None: guidance at every step)."""
     pipe.set_progress_bar_config(disable=True)
     images = []
     with tqdm(total=len(prompts), desc=desc, unit="image") as progress:
@@ -37,7 +39,7 @@ def sample_images(pipe, prompts: Sequence[str], seed: int, num_inference_steps: 
             generators = [torch.Generator("cpu").manual_seed(seed * NOISE_SEED_STRIDE + k)
                           for k in range(first, first + len(batch))]
             output = pipe(prompt=batch, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          height=resolution, width=resolution, generator=generators, output_type="np").images
+                          guidance_interval=guidance_interval, height=resolution, width=resolution, generator=generators, output_type="np").images
             images += to_pil_images(output)
             progress.update(len(batch))
     return images

@@ -72,7 +72,7 @@ def evaluate_on_user_data(pipe, towers: StageOneTowers, heldout_dataset, train_d
                           guidance_scale: float = 4.0, batch_size: int = 16, k: int = DEFAULT_K,
                           percentile: float = DEFAULT_PERCENTILE, max_train_images: int | None = None,
                           grid_images: int = 16, model_name: str = "pipeline", report_fields: dict | None = None,
-                          inception=None
+                          inception=None, guidance_interval: tuple[float, float] | None = None
                           ) -> dict:
     """Generate for held-out captions and measure alignment, fidelity/diversity (and the Inception FID when an
     ``inception`` network is given) and memorization (module
@@ -89,7 +89,8 @@ def evaluate_on_user_data(pipe, towers: StageOneTowers, heldout_dataset, train_d
     resolution = real.shape[-1]
 
     start = time.perf_counter()
-    generated_images = sample_images(pipe, captions, seed, num_inference_steps, guidance_scale, batch_size, resolution)
+    generated_images = sample_images(pipe, captions, seed, num_inference_steps, guidance_scale, batch_size, resolution,
+                                     guidance_interval=guidance_interval)
     generation_seconds = time.perf_counter() - start
     generated = to_model_range(generated_images)
     generated_embeds, generated_features = towers.embed_images(generated)
@@ -129,6 +130,7 @@ def evaluate_on_user_data(pipe, towers: StageOneTowers, heldout_dataset, train_d
             **{space: {key: value for key, value in memorization[space].items() if key != "flags"} for space in SPACES},
         },
         "settings": {"seed": seed, "steps": num_inference_steps, "guidance_scale": guidance_scale,
+                     "guidance_interval": guidance_interval,
                      "batch_size": batch_size, "resolution": resolution,
                      "scheduler": pipe.scheduler.__class__.__name__ if hasattr(pipe, "scheduler") else None,
                      "text_projection": towers.projection_source,
