@@ -33,7 +33,7 @@ import shutil
 import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -239,9 +239,9 @@ class StreamLoader:
     def epoch_batches(self, epoch: int) -> Iterator[dict]:
         """The full batches of ``epoch``, in the order a function of (seed, epoch, shards, buffer, workers) gives."""
         self.dataset.set_epoch(epoch)
-        return _without_worker_traceback(iter(torch.utils.data.DataLoader(
+        return iter(torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, collate_fn=self.collate_fn, drop_last=True,
-            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))))
+            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -250,16 +250,21 @@ class StreamLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def _without_worker_traceback(batches: Iterator[dict]) -> Iterator[dict]:
-    """Re-raise a data error of a DataLoader worker with its own one-line message (PyTorch puts the worker's
-    whole traceback into the message)."""
+def without_worker_traceback(batches: Iterator[dict]) -> Iterator[dict]:
+    """Re-raise an error of a DataLoader worker as the same type with the worker's own one-line message (PyTorch
+    puts the worker's whole traceback into the message)."""
     try:
         yield from batches
-    except ValueError as error:
+    except Exception as error:
         message = str(error)
         if "DataLoader worker" not in message or "Original Traceback" not in message:
             raise
-        raise ValueError(message.rstrip().splitlines()[-1].split(": ", 1)[-1]) from error
+        own_message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        try:
+            replacement = type(error)(own_message)
+        except Exception:
+            raise error from None
+        raise replacement from error
 
 
 def stream_train_batches(loader: StreamLoader, start_step: int, max_train_steps: int,
@@ -737,6 +742,7 @@ class StageTrainer:
             source = (batch for _, batch in train_batches(self.accelerator, dataloader, sampler, self.global_step,
                                                           self.args.max_train_steps,
                                                           self.args.gradient_accumulation_steps))
+        source = without_worker_traceback(source)
         while True:
             requested_at = time.perf_counter()
             if self._step_done_at is not None:
@@ -763,6 +769,14 @@ class StageTrainer:
         computes (DDP averages their gradients to the same mean)."""
         index, count = self.accelerator.process_index, self.accelerator.num_processes
         return local_batch * count, slice(index * local_batch, (index + 1) * local_batch)
+
+    def global_randn(self, local_shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """ε ~ N(0, I) for this process's rows: ``randn([n·B, *local_shape[1:]], generator)[rows]`` (``global_rows``).
+
+        A sample's draw does not depend on how the global batch is split over processes, and an exact resume
+        redraws it (``generator`` is the step's, ``self.generator()``)."""
+        global_batch, rows = self.global_rows(local_shape[0])
+        return torch.randn((global_batch, *local_shape[1:]), generator=generator)[rows]
 
     def backward(self, loss: torch.Tensor, model: torch.nn.Module) -> None:
         """Stop on a non-finite loss; backpropagate; clip the gradient norm to ``max_grad_norm`` on an update."""

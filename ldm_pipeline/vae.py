@@ -551,20 +551,12 @@ def posterior_sample(posterior, noise: torch.Tensor) -> torch.Tensor:
     return posterior.mean + posterior.std * noise.to(posterior.mean)
 
 
-def global_posterior_noise(trainer, local_batch: int, latent_shape) -> torch.Tensor:
-    """eps ~ N(0, I) of this process's rows of the global batch: ``[n·B, *latent_shape]`` drawn from
-    ``trainer.generator()`` (seeded by the micro step, the same on every process), ``trainer.global_rows`` kept.
-    A sample's noise does not depend on how the batch is split over processes, and exact resume redraws it."""
-    global_batch, rows = trainer.global_rows(local_batch)
-    return torch.randn((global_batch, *latent_shape), generator=trainer.generator())[rows]  # [B, C, h, w]
-
-
 class AutoencoderWithPosterior(nn.Module):
     """``AutoencoderKL`` whose forward returns ``(reconstruction, posterior)``, so that the KL term can be taken
     through one forward call (what DistributedDataParallel needs to synchronise gradients).
 
     The reconstruction decodes z = mean + std * ``latent_noise`` (``posterior_sample``); the training script draws
-    the noise with ``global_posterior_noise``.
+    the noise for the global batch with ``StageTrainer.global_randn``.
     """
 
     def __init__(self, vae: AutoencoderKL):

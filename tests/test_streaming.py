@@ -248,10 +248,11 @@ def test_a_corrupt_member_names_its_shard_and_key_or_is_skipped_and_counted(bad_
     assert skipping.skipped_images == 1 and "Skipped (--skip_bad_images)" in skipping.skipped_summary()
 
 
-def test_the_training_script_stops_at_a_corrupt_member_naming_it_in_one_line(bad_shards, tmp_path):
-    with pytest.raises(ValueError, match=r"^Cannot read image of shard .*shard-002\.tar sample 'bad1'") as raised:
-        run_stage("vae", ["--config", str(TINY_VAE), "--train_data_dir", str(bad_shards), "--streaming",
-                          "--resolution", "16", "--train_batch_size", "2", "--dataloader_num_workers", "1",
+@pytest.mark.parametrize("streaming", [False, True])
+def test_the_training_script_stops_at_a_corrupt_member_naming_it_in_one_line(bad_shards, tmp_path, streaming):
+    with pytest.raises(ValueError, match=r"^Cannot read image .*shard-002\.tar sample 'bad1'") as raised:
+        run_stage("vae", ["--config", str(TINY_VAE), "--train_data_dir", str(bad_shards)]
+                  + (["--streaming"] if streaming else []) + ["--resolution", "16", "--train_batch_size", "2", "--dataloader_num_workers", "1",
                           "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
     assert "\n" not in str(raised.value) and "Traceback" not in str(raised.value)  # not the worker's traceback
     assert not (tmp_path / "out" / "checkpoints").exists()

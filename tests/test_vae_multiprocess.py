@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import run_stage
 from ldm_pipeline.config import load_stage_config
 from ldm_pipeline.trainer import StageTrainer, step_generator
-from ldm_pipeline.vae import AutoencoderWithPosterior, build_vae, global_posterior_noise
+from ldm_pipeline.vae import AutoencoderWithPosterior, build_vae
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny" / "vae.json"
@@ -114,7 +114,7 @@ def test_posterior_noise_of_a_process_is_its_rows_of_the_global_draw(tmp_path, m
         noise = {}
         for index in (0, 1):
             monkeypatch.setattr(Accelerator, "process_index", property(lambda self, index=index: index))
-            noise[index] = global_posterior_noise(trainer, 4, LATENT_SHAPE)
+            noise[index] = trainer.global_randn((4, *LATENT_SHAPE), trainer.generator())
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     vae = build_vae(config.model, 32).eval()

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
                 posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
                 mean, std = posterior.mean, posterior.std
             global_batch, rows = trainer.global_rows(mean.shape[0])
-            latent_noise = torch.randn((global_batch, *mean.shape[1:]), generator=generator)[rows]
+            latent_noise = trainer.global_randn(mean.shape, generator)
             latents = sample_latents(mean, std, latent_noise.to(device), vae.config.scaling_factor,
                                      getattr(vae.config, "shift_factor", None))
             dropped = caption_dropout_mask(global_batch, args.caption_dropout_prob, generator)[rows].to(device)

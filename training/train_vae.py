@@ -31,7 +31,6 @@ from ldm_pipeline.vae import (
     build_discriminator,
     build_vae,
     decoder_last_layer,
-    global_posterior_noise,
     image_grid,
     latent_statistics,
     load_lpips,
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     discriminator.train()
     for batch in trainer.batches(train_dataloader, sampler):
         pixel_values, step = batch["pixel_values"], trainer.global_step
-        latent_noise = global_posterior_noise(trainer, pixel_values.shape[0], latent_shape).to(device)
+        latent_noise = trainer.global_randn((pixel_values.shape[0], *latent_shape), trainer.generator()).to(device)
         with trainer.accelerator.accumulate(model, discriminator):
             reconstruction, posterior = model(pixel_values, latent_noise)
             loss, parts = objective.autoencoder_loss(pixel_values, reconstruction, posterior, last_layer, step)
