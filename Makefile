@@ -32,7 +32,8 @@ bench: install
 	$(PY) benchmarks/bench_shapes.py
 	$(PY) benchmarks/bench_unet_training.py --steps 40
 	$(PY) benchmarks/bench_unet_training.py --size gpu --steps 5 --batch_size 8 --check
-	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_pipeline.py --scheduler dpm++ --steps 20 --guidance_scale 5 --guidance_interval 1.0 inf
+	$(PY) benchmarks/bench_determinism.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -67,6 +67,9 @@ class DataConfig:
     skip_bad_images: bool = option(False, "Skip bad rows instead of stopping: an unreadable image is replaced by "
                                           "the next readable row (counted); a row without a caption is left out.")
     num_train_samples: int | None = option(None, "Size of the built-in shapes training set.", gt=0)
+    shapes_categories: list[str] | None = option(None, "Caption categories of the built-in shapes training data, "
+                                                       "each item's drawn uniformly from this list: repeat a name "
+                                                       "to weight it (default: all six, equally).")
     num_validation_samples: int = option(200, "Size of the shapes validation set, or of the held-out slice of "
                                               "user data.", gt=0)
     data_seed: int = option(0, "Seed of the shapes data and of held-out slices.", ge=0)
@@ -82,6 +85,14 @@ class DataConfig:
     def __post_init__(self):
         if self.center_crop and self.random_crop:
             raise ConfigError("--center_crop and --random_crop are exclusive; pass one of them.")
+        if self.shapes_categories is not None:
+            from ldm_pipeline.data.shapes import CATEGORIES
+
+            unknown = sorted(set(self.shapes_categories) - set(CATEGORIES))
+            if unknown or not self.shapes_categories:
+                raise ConfigError(f"--shapes_categories {' '.join(self.shapes_categories) or '(empty)'}: "
+                                  f"{'unknown ' + ', '.join(unknown) if unknown else 'empty list'}; name some of "
+                                  f"{', '.join(CATEGORIES)} (repeat one to weight it).")
         if self.streaming and self.max_train_samples is not None:
             raise ConfigError("--max_train_samples cannot be combined with --streaming (a stream has no first N "
                               "items that every process agrees on): stream fewer shards instead.")

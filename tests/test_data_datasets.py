@@ -17,7 +17,7 @@ from ldm_pipeline.data import (
     dataset_fingerprint,
     preprocess_image,
 )
-from ldm_pipeline.config import DataConfig, data_config_from_argv
+from ldm_pipeline.config import ConfigError, DataConfig, data_config_from_argv
 from ldm_pipeline.data.export import export_main
 
 
@@ -67,6 +67,25 @@ def test_shapes_items_are_the_rendered_images_in_minus_one_one():
     assert batch["captions"] == [reference[i]["caption"] for i in range(4)]
     assert batch["index"].dtype == torch.long and batch["index"].tolist() == [0, 1, 2, 3]
     assert -1 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1
+
+
+def test_shapes_categories_weight_the_training_mix_by_repetition():
+    from scipy.stats import chisquare
+
+    args = shapes_args(32, 600, 300, "--shapes_categories", "position", "position", "colors")
+    train, validation = build_dataset(args, "train"), build_dataset(args, "validation")
+    counts = np.unique([train.shapes.scene(i).category for i in range(600)], return_counts=True)
+    assert counts[0].tolist() == ["colors", "position"]
+    assert chisquare(counts[1], [200, 400]).pvalue > 1e-3
+    assert len({validation.shapes.scene(i).category for i in range(300)}) == 6  # held-out data keeps every category
+    assert dataset_fingerprint(args, "train") != dataset_fingerprint(shapes_args(32, 600, 300), "train")
+    assert dataset_fingerprint(args, "validation") == dataset_fingerprint(shapes_args(32, 600, 300), "validation")
+
+
+def test_shapes_categories_reject_an_unknown_name():
+    with pytest.raises(ConfigError, match=r"--shapes_categories position colour: unknown colour; name some of "
+                                          r"single_object, .* \(repeat one to weight it\)"):
+        shapes_args(32, 12, 6, "--shapes_categories", "position", "colour")
 
 
 def test_shapes_train_and_validation_are_disjoint_and_seeded():

@@ -45,6 +45,7 @@ import os
 import tarfile
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -172,8 +173,9 @@ def collate_examples(items: list[dict]) -> dict:
 class ShapesTrainingDataset(torch.utils.data.Dataset):
     """The built-in shapes data as training items; each image is rendered on access (no cache needed)."""
 
-    def __init__(self, num_samples: int, resolution: int, seed: int, split: str, random_flip: bool = False):
-        self.shapes = shapes.ShapesDataset(num_samples, resolution, seed=seed, split=split)
+    def __init__(self, num_samples: int, resolution: int, seed: int, split: str, random_flip: bool = False,
+                 categories: Sequence[str] | None = None):
+        self.shapes = shapes.ShapesDataset(num_samples, resolution, seed=seed, split=split, categories=categories)
         self.random_flip = random_flip
 
     def __len__(self) -> int:
@@ -873,7 +875,8 @@ def build_dataset(data: DataConfig, split: str = "train") -> torch.utils.data.Da
                              "shapes data) or --train_data_dir / --dataset_name for your own data.")
         if split == "train" and max_train is not None:
             count = min(count, max_train)
-        return ShapesTrainingDataset(count, data.resolution, data.data_seed, split, data.random_flip)
+        categories = data.shapes_categories if split == "train" else None
+        return ShapesTrainingDataset(count, data.resolution, data.data_seed, split, data.random_flip, categories)
 
     if data.streaming:
         return _streaming_dataset(data, split)
@@ -914,6 +917,8 @@ def dataset_fingerprint(data: DataConfig, split: str = "train") -> str:
     if data.dataset_name is None and data.train_data_dir is None:
         payload.update(source="shapes", version=shapes.GENERATOR_VERSION, code=_file_digest(shapes.__file__),
                        num_samples=data.num_train_samples if split == "train" else data.num_validation_samples)
+        if split == "train" and data.shapes_categories is not None:
+            payload["categories"] = list(data.shapes_categories)
         return config_hash(payload)
     payload.update(preprocessing=PREPROCESSING_VERSION, image_column=data.image_column,
                    caption_column=data.caption_column, num_validation_samples=data.num_validation_samples,
