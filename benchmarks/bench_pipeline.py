@@ -29,7 +29,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
 
 from ldm_pipeline import LatentDiffusionPipeline, scheduler_from_name  # noqa: E402
-from ldm_pipeline.schedulers import timestep_sigma  # noqa: E402
+from ldm_pipeline.prompt_encoding import is_clip_text_model  # noqa: E402
+from ldm_pipeline.schedulers import in_guidance_interval  # noqa: E402
 
 PROMPTS = ["a red cat left of a blue house", "two green stars", "a yellow ball above a pink box", "three trees"]
 WORDS = ("a an and of left right above below one two three four red orange yellow green blue purple pink brown "
@@ -101,6 +102,11 @@ def main() -> None:
 
     if args.model:
         ours = LatentDiffusionPipeline.from_pretrained(args.model)
+        if not is_clip_text_model(ours.text_encoder):
+            raise SystemExit(f"--model {args.model}: its text encoder is a {type(ours.text_encoder).__name__}, and "
+                             "StableDiffusionPipeline encodes prompts the CLIP way (no attention mask), so the two "
+                             "would not compute the same images; give a pipeline with a CLIP text encoder, or leave "
+                             "out --model to time random demo-sized components.")
         components = dict(ours.components)
     else:
         components = random_components(args.resolution)
@@ -145,8 +151,7 @@ def main() -> None:
     if interval_ratios:
         scheduler = ours.scheduler
         scheduler.set_timesteps(args.steps)
-        guided = sum(args.guidance_interval[0] < timestep_sigma(scheduler, t) <= args.guidance_interval[1]
-                     for t in scheduler.timesteps)
+        guided = sum(in_guidance_interval(scheduler, t, tuple(args.guidance_interval)) for t in scheduler.timesteps)
         print(f"guidance_interval {tuple(args.guidance_interval)}: {guided} of {len(scheduler.timesteps)} steps guided "
               f"(U-Net work {(len(scheduler.timesteps) + guided) / (2 * len(scheduler.timesteps)):.3f} of guiding "
               f"every step); time / every step guided: {interval_ratios['cpu']:.3f} CPU time, "

@@ -42,7 +42,7 @@ from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel
 
 from ldm_pipeline.attention import xformers_unavailable_reason
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
-from ldm_pipeline.schedulers import scheduler_from_name, timestep_sigma
+from ldm_pipeline.schedulers import in_guidance_interval, scheduler_from_name, timestep_sigma
 from ldm_pipeline.vae import vae_scale_factor
 
 logger = logging.getLogger(__name__)
@@ -351,10 +351,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
         """
         if not self.do_classifier_free_guidance:
             return False
-        if self._guidance_interval is None:
-            return True
-        low, high = self._guidance_interval
-        return low < timestep_sigma(self.scheduler, timestep) <= high
+        return in_guidance_interval(self.scheduler, timestep, self._guidance_interval)
 
     @property
     def cross_attention_kwargs(self) -> dict[str, Any] | None:

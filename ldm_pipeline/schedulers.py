@@ -98,3 +98,16 @@ def timestep_sigma(scheduler: SchedulerMixin, timestep: float | torch.Tensor) ->
     alphas_cumprod = np.asarray(torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu())
     sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
     return float(np.interp(float(timestep), np.arange(len(sigmas)), sigmas))
+
+
+def in_guidance_interval(scheduler: SchedulerMixin, timestep: float | torch.Tensor,
+                         guidance_interval: tuple[float, float] | None) -> bool:
+    """Whether ``σ_lo < σ_t <= σ_hi`` for ``guidance_interval = (σ_lo, σ_hi)`` (always True for None).
+
+    The interval of noise levels in which Kynkäänniemi et al. 2024 (arXiv:2404.07724) apply classifier-free
+    guidance; ``σ_t`` as in ``timestep_sigma``.
+    """
+    if guidance_interval is None:
+        return True
+    low, high = guidance_interval
+    return low < timestep_sigma(scheduler, timestep) <= high

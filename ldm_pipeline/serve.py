@@ -56,7 +56,7 @@ ProgressCallback = Callable[[dict], None]
 @dataclass(frozen=True)
 class GenerationSettings:
     """What the page sends: ``scheduler`` "" keeps the pipeline's saved scheduler, ``seed`` None draws one,
-    ``height``/``width`` None take the pipeline's default size."""
+    ``height``/``width`` None take the pipeline's default size, ``guidance_interval`` None guides every step."""
 
     prompt: str
     negative_prompt: str = ""
@@ -67,6 +67,7 @@ class GenerationSettings:
     seed: int | None = None
     height: int | None = None
     width: int | None = None
+    guidance_interval: tuple[float, float] | None = None
 
     @classmethod
     def from_form(cls, form: Mapping[str, Any]) -> "GenerationSettings":
@@ -82,6 +83,7 @@ class GenerationSettings:
             seed=parse_seed(form.get("seed")),
             height=parse_int(form, "height", None),
             width=parse_int(form, "width", None),
+            guidance_interval=parse_interval(form.get("guidance_interval")),
         )
 
 
@@ -108,6 +110,20 @@ def parse_int(form: Mapping[str, Any], name: str, default: int | None) -> int | 
 
 def parse_float(form: Mapping[str, Any], name: str, default: float) -> float:
     return parse_number(form, name, default, integer=False)
+
+
+def parse_interval(value: Any) -> tuple[float, float] | None:
+    """None for an empty field; otherwise two noise levels ``σ_lo σ_hi`` ("1 inf", "0.3, 5" or a JSON pair).
+    Their range is left to the pipeline."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    parts = value.replace(",", " ").split() if isinstance(value, str) else value
+    try:
+        low, high = (float(part) for part in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be two noise levels 'σ_lo σ_hi' (e.g. '1 inf'), or empty to "
+                         f"guide every step; got {value!r}.") from None
+    return low, high
 
 
 def parse_seed(value: Any) -> int | None:
@@ -146,7 +162,9 @@ class GeneratedImage:
 def image_metadata(settings: GenerationSettings, seed: int, scheduler: str, size: tuple[int, int],
                    model: str) -> dict[str, str]:
     """The PNG text chunks of one image: ``prompt, negative_prompt, seed, steps, guidance_scale, scheduler,
-    size`` ("WIDTHxHEIGHT") and ``model``."""
+    size`` ("WIDTHxHEIGHT") and ``model``, and ``guidance_interval`` ("σ_lo σ_hi") when one was set."""
+    interval = {} if settings.guidance_interval is None else {
+        "guidance_interval": " ".join(str(bound) for bound in settings.guidance_interval)}
     return {
         "prompt": settings.prompt,
         "negative_prompt": settings.negative_prompt,
@@ -156,6 +174,7 @@ def image_metadata(settings: GenerationSettings, seed: int, scheduler: str, size
         "scheduler": scheduler,
         "size": f"{size[0]}x{size[1]}",
         "model": model,
+        **interval,
     }
 
 
@@ -237,6 +256,7 @@ class ImageServer:
             num_images_per_prompt=settings.num_images,
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance_scale,
+            guidance_interval=settings.guidance_interval,
             height=settings.height,
             width=settings.width,
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],

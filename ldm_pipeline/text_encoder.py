@@ -396,10 +396,16 @@ def retrieval_accuracy(
     return metrics
 
 
-def gather_batch(accelerator, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
-                 captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The embeddings and captions of the global batch (every process's, in process order), with this process's
-    own rows kept in the autograd graph (the others are copies without gradient).
+def gather_captions(accelerator, captions: Sequence[str]) -> list[str]:
+    """The captions of the global batch: every process's, in process order."""
+    from accelerate.utils import gather_object
+
+    return list(captions) if accelerator.num_processes == 1 else list(gather_object(list(captions)))
+
+
+def gather_rows(accelerator, rows: torch.Tensor) -> torch.Tensor:
+    """Every process's ``rows`` [B_p, D] (B_p may differ between processes) concatenated in process order, this
+    process's own rows kept in the autograd graph (the others are copies without gradient).
 
     Every process then computes the contrastive loss L of the whole global batch, so the negatives of a caption are
     all n·B images, as with one process of batch n·B. Process p's gradient covers only the paths through its own
@@ -407,23 +413,6 @@ def gather_batch(accelerator, text_embeds: torch.Tensor, image_embeds: torch.Ten
     ``loss * num_processes``), whose averaged gradient is the gradient of L (Radford et al. 2021, arXiv:2103.00020,
     sec. 2.5: the similarity matrix over the global batch).
     """
-    from accelerate.utils import gather, gather_object
-
-    count, index = accelerator.num_processes, accelerator.process_index
-    if count == 1:
-        return text_embeds, image_embeds, list(captions)
-    local = len(captions)
-
-    def with_own_rows(tensor: torch.Tensor) -> torch.Tensor:
-        everyone = gather(tensor.detach().contiguous())  # [n·B, D]
-        return torch.cat([everyone[: index * local], tensor, everyone[(index + 1) * local:]])
-
-    return with_own_rows(text_embeds), with_own_rows(image_embeds), list(gather_object(list(captions)))
-
-
-def gather_rows(accelerator, rows: torch.Tensor) -> torch.Tensor:
-    """Every process's ``rows`` [H_p, D] (H_p may differ between processes) concatenated in process order, this
-    process's own rows kept in the autograd graph (as in `gather_batch`)."""
     from accelerate.utils import gather
 
     count, index = accelerator.num_processes, accelerator.process_index
@@ -438,20 +427,17 @@ def gather_rows(accelerator, rows: torch.Tensor) -> torch.Tensor:
                       for process, size in enumerate(sizes)])
 
 
-def own_hard_negatives(accelerator, captions: Sequence[str]) -> tuple[list[str], int]:
+def own_hard_negatives(accelerator, batch_captions: Sequence[str], num_own: int) -> tuple[list[str], int]:
     """This process's share of the global batch's hard negatives and how many the global batch has.
 
-    The negatives are those of `hard_negative_captions` over every process's captions (in process order), so
-    ``n`` processes of batch ``B`` get the negatives of one process of batch ``n·B``; each process encodes the
-    ones that come from its own captions, and `gather_rows` joins them in the same order.
+    ``batch_captions`` are the global batch's (`gather_captions`), of which this process holds ``num_own`` from
+    ``process_index * num_own``. The negatives are those of `hard_negative_captions` over all of them, so ``n``
+    processes of batch ``B`` get the negatives of one process of batch ``n·B``; each process encodes the ones that
+    come from its own captions, and `gather_rows` joins them in the same order.
     """
-    from accelerate.utils import gather_object
-
-    local = len(captions)
-    everyone = list(captions) if accelerator.num_processes == 1 else list(gather_object(list(captions)))
-    negatives = hard_negative_captions(everyone)
-    first = accelerator.process_index * local
-    return [negative for index, negative in negatives if first <= index < first + local], len(negatives)
+    negatives = hard_negative_captions(batch_captions)
+    first = accelerator.process_index * num_own
+    return [negative for index, negative in negatives if first <= index < first + num_own], len(negatives)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from ldm_pipeline.evaluation.alignment import StageOneTowers, load_stage_one_tow
 from ldm_pipeline.text_encoder import (
     ImageTower,
     contrastive_loss,
-    gather_batch,
+    gather_captions,
     gather_rows,
     hard_negative_captions,
     own_hard_negatives,
@@ -295,11 +295,12 @@ def test_two_processes_get_the_hard_negatives_and_gradients_of_one(monkeypatch):
         rows = slice(accelerator.process_index * local, (accelerator.process_index + 1) * local)
         own_captions = captions[rows]
         texts, images = text_table.clone().requires_grad_(), image_table.clone().requires_grad_()
-        negatives, _ = own_hard_negatives(accelerator, own_captions)
+        batch = gather_captions(accelerator, own_captions)
+        negatives, _ = own_hard_negatives(accelerator, batch, local)
         ids = torch.tensor([vocabulary.index(caption) for caption in own_captions + negatives])
         text_embeds, image_embeds = F.normalize(texts[ids], dim=-1), F.normalize(images[rows], dim=-1)
         text_embeds, negative_embeds = text_embeds[:local], gather_rows(accelerator, text_embeds[local:])
-        text_embeds, image_embeds, batch = gather_batch(accelerator, text_embeds, image_embeds, own_captions)
+        text_embeds, image_embeds = gather_rows(accelerator, text_embeds), gather_rows(accelerator, image_embeds)
         loss = contrastive_loss(text_embeds, image_embeds, 5.0, same_caption_matrix(batch), negative_embeds)
         (loss * accelerator.num_processes).backward()
         return loss.item(), texts.grad, images.grad, negatives

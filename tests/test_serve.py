@@ -146,6 +146,27 @@ def test_requests_wait_their_turn_in_arrival_order(server):
     assert [event["ahead"] for _, event in events if event["type"] == "queued"] == [0, 1, 2]
 
 
+def test_guidance_interval_reaches_the_pipeline_and_the_png(server):
+    settings = GenerationSettings.from_form({"prompt": "a red cat", "steps": "4", "guidance_scale": "3",
+                                             "seed": "5", "scheduler": "euler", "guidance_interval": "0.5, inf"})
+    assert settings.guidance_interval == (0.5, float("inf"))
+    generated = server.generate(settings)
+    expected = direct_images(make_tiny_pipeline(), [5], "euler", prompt="a red cat", num_inference_steps=4,
+                             guidance_scale=3.0, guidance_interval=(0.5, float("inf")))
+    every_step = direct_images(make_tiny_pipeline(), [5], "euler", prompt="a red cat", num_inference_steps=4,
+                               guidance_scale=3.0)
+    np.testing.assert_array_equal(pixels(generated), expected)
+    assert not np.array_equal(expected, every_step)
+    assert generated[0].metadata["guidance_interval"] == "0.5 inf"
+    assert Image.open(io.BytesIO(generated[0].png_bytes())).text["guidance_interval"] == "0.5 inf"
+    assert GenerationSettings.from_form({"prompt": "a cat", "guidance_interval": [1, "inf"]}).guidance_interval \
+        == (1.0, float("inf"))
+    assert GenerationSettings.from_form({"prompt": "a cat", "guidance_interval": " "}).guidance_interval is None
+    for bad in ("1", "1 2 3", "low high", 7):
+        with pytest.raises(ValueError, match="guidance_interval must be two noise levels"):
+            GenerationSettings.from_form({"prompt": "a cat", "guidance_interval": bad})
+
+
 def test_settings_that_are_not_numbers_name_the_field():
     with pytest.raises(ValueError, match="steps must be a whole number, got 'ten'"):
         GenerationSettings.from_form({"prompt": "a cat", "steps": "ten"})
@@ -190,6 +211,8 @@ def test_bad_settings_come_back_as_the_pipelines_own_message(server):
         "steps": ({"prompt": "a cat", "steps": "0"}, "`num_inference_steps` must be a positive integer, got 0."),
         "scheduler": ({"prompt": "a cat", "scheduler": "fast"}, "Unknown scheduler 'fast': choose one of ddpm"),
         "limit": ({"prompt": "a cat", "num_images": "9"}, "num_images is 9; this server makes at most 8"),
+        "interval": ({"prompt": "a cat", "steps": "2", "guidance_interval": "2 1"},
+                     "`guidance_interval` (2.0, 1.0) must satisfy 0 <= σ_lo < σ_hi"),
     }
     for name, (form, message) in cases.items():
         response = client.post("/api/generate", json=form)

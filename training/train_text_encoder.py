@@ -30,7 +30,7 @@ from ldm_pipeline.text_encoder import (
     build_contrastive_model,
     contrastive_loss,
     evaluate_retrieval,
-    gather_batch,
+    gather_captions,
     gather_rows,
     load_pretrained_text_encoder,
     own_hard_negatives,
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     for batch in trainer.batches(train_dataloader, sampler):
         with trainer.accelerator.accumulate(model):
-            negatives, num_negatives = (own_hard_negatives(trainer.accelerator, batch["captions"])
+            captions = gather_captions(trainer.accelerator, batch["captions"])
+            negatives, num_negatives = (own_hard_negatives(trainer.accelerator, captions, len(batch["captions"]))
                                         if args.hard_negatives else ([], 0))
             tokens = tokenize_prompts(tokenizer, batch["captions"] + negatives)
             text_embeds, image_embeds, logit_scale = model(tokens["input_ids"].to(device),
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
             if args.hard_negatives:
                 text_embeds, negative_embeds = text_embeds[:len(image_embeds)], text_embeds[len(image_embeds):]
                 negative_embeds = gather_rows(trainer.accelerator, negative_embeds)
-            text_embeds, image_embeds, captions = gather_batch(trainer.accelerator, text_embeds, image_embeds,
-                                                               batch["captions"])
+            text_embeds = gather_rows(trainer.accelerator, text_embeds)  # [B, D] -> [n·B, D]
+            image_embeds = gather_rows(trainer.accelerator, image_embeds)
             loss = contrastive_loss(text_embeds, image_embeds, logit_scale, same_caption_matrix(captions),
                                     negative_embeds)
             trainer.backward(loss * trainer.accelerator.num_processes, model)
