@@ -21,8 +21,22 @@ encoder is trained to see. Per family and encoder:
   bag-of-words encoder gets exactly 0.5 on the swap families (its two captions are one text).
 - token cosine: the cosine of the two captions' hidden states at each token position (what the U-Net's
   cross-attention reads, `encode_prompts`), averaged over the caption's positions (``<s> ... </s>``) and pairs;
-  pooled cosine: the same for the pooled output. Near 1 on a swap family while lower on "colour word" means the
+  set cosine: the same states taken as a set, as cross-attention takes its keys and values (with no position of
+  its own): each state's best cosine with any state of the other caption, averaged both ways; 1.000 means the
+  U-Net is given the same conditioning for the two captions, whatever it learns; pooled cosine: the same for the
+  pooled output. Near 1 on a swap family while lower on "colour word" means the
   U-Net is given almost the same conditioning for two different scenes.
+
+And a probe of what the U-Net reads (``--num_probe`` captions, half to fit, half to test): a ridge classifier
+(least squares to one-hot targets, Hoerl & Kennard 1970) reads the token state of each object word (the mean of
+its tokens' states) and predicts
+
+    noun colour   the colour bound to that object: "star" in "a red star and a green box" -> red  (8 classes)
+    noun side     where that object is: "cat" in "a cat left of a tree" -> left, "tree" -> right  (4 classes)
+
+A bag-of-words state (each word's state the same whatever the other words' roles) scores about 0.5 on both:
+it knows which colours or which relation the caption names, not which goes with this object. 1.0 means every
+object word's state carries its own colour or side, which is what cross-attention needs to draw it right.
 """
 
 from __future__ import annotations
@@ -38,6 +52,8 @@ import torch.nn.functional as F
 from ldm_pipeline.data.datasets import image_to_tensor
 from ldm_pipeline.data.shapes import (
     COLORS,
+    OBJECT_KINDS,
+    RELATIONS,
     binding_counterpart,
     grammar_caption,
     parse_caption,
@@ -100,7 +116,20 @@ def state_cosines(towers: StageOneTowers, captions_a: list[str], captions_b: lis
     per_token = F.cosine_similarity(states_a, states_b, dim=-1)  # [N, L]
     token = (per_token * filled).sum(dim=1) / filled.sum(dim=1)
     pooled = F.cosine_similarity(towers.pooled_text(captions_a), towers.pooled_text(captions_b), dim=-1)
-    return {"token_cosine": token.mean().item(), "pooled_cosine": pooled.mean().item()}
+    as_sets = set_cosine(states_a, tokens_a.attention_mask, states_b, tokens_b.attention_mask)
+    return {"token_cosine": token.mean().item(), "set_cosine": as_sets.item(), "pooled_cosine": pooled.mean().item()}
+
+
+def set_cosine(states_a: torch.Tensor, mask_a: torch.Tensor, states_b: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of ``½ · [mean_{k in A} max_{l in B} cos(a_k, b_l) + mean_{l in B} max_{k in A} cos(a_k, b_l)]``
+    over the unmasked states of each caption ([N, L, H] states, [N, L] masks): 1 when every state of either
+    caption has an equal in the other, in any order."""
+    cosines = F.normalize(states_a, dim=-1) @ F.normalize(states_b, dim=-1).transpose(1, 2)  # [N, L, L]
+    mask_a, mask_b = mask_a.bool(), mask_b.bool()
+    best_in_b = cosines.masked_fill(~mask_b[:, None, :], float("-inf")).amax(dim=2)  # [N, L]
+    best_in_a = cosines.masked_fill(~mask_a[:, :, None], float("-inf")).amax(dim=1)
+    mean = lambda best, mask: best.masked_fill(~mask, 0).sum(dim=1) / mask.sum(dim=1)  # noqa: E731
+    return ((mean(best_in_b, mask_a) + mean(best_in_a, mask_b)) / 2).mean()
 
 
 @torch.no_grad()
@@ -122,7 +151,72 @@ def binding_scores(towers: StageOneTowers, num_pairs: int = 200, seed: int = 0, 
     return results
 
 
-COLUMNS = {"image_to_text": "img>txt", "text_to_image": "txt>img", "token_cosine": "tok cos", "pooled_cosine": "pool cos"}
+PROBES = {"noun colour": "color_attribution", "noun side": "position"}
+SIDES = {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"),
+         "below": ("bottom", "top")}
+PROBE_CLASSES = {"noun colour": list(COLORS), "noun side": ["left", "right", "top", "bottom"]}
+RIDGE = 1e-2
+
+
+def object_word_targets(caption: str, probe: str) -> list[tuple[int, str]]:
+    """``(word index, class)`` for both object words of ``caption``: its colour ("noun colour") or its side of the
+    relation ("noun side"). Words are split on spaces, as the tokenizer's pre-tokenizer does for these captions."""
+    parsed = parse_caption(caption)
+    positions = [index for index, word in enumerate(caption.split()) if word in OBJECT_KINDS]
+    labels = parsed["colors"] if probe == "noun colour" else list(SIDES[parsed["relation"]])
+    if len(positions) != len(labels):
+        raise ValueError(f"{caption!r}: expected {len(labels)} object words of {OBJECT_KINDS}, found {len(positions)}.")
+    return list(zip(positions, labels))
+
+
+@torch.no_grad()
+def object_word_states(towers: StageOneTowers, captions: list[str], probe: str) -> tuple[torch.Tensor, list[int]]:
+    """``(states [2N, H], labels)``: the mean token state of each object word, and its class index."""
+    classes = PROBE_CLASSES[probe]
+    tokens = tokenize_prompts(towers.tokenizer, captions)
+    states = encode_prompts(towers.text_encoder, tokens.input_ids, tokens.attention_mask)  # [N, L, H]
+    rows, labels = [], []
+    for index, caption in enumerate(captions):
+        word_ids = tokens.word_ids(index)
+        for word, label in object_word_targets(caption, probe):
+            positions = [position for position, word_id in enumerate(word_ids) if word_id == word]
+            rows.append(states[index, positions].mean(dim=0))
+            labels.append(classes.index(label))
+    return torch.stack(rows), labels
+
+
+def ridge_probe_accuracy(train_x: torch.Tensor, train_y: list[int], test_x: torch.Tensor, test_y: list[int],
+                         num_classes: int, ridge: float = RIDGE) -> float:
+    """Test accuracy of ``argmax(x W + b)`` with ``[W; b] = argmin ||[X 1][W; b] - Y||² + ridge · ||W||²`` on
+    standardised features (one-hot ``Y``), solved exactly in float64."""
+    mean, std = train_x.double().mean(dim=0), train_x.double().std(dim=0).clamp(min=1e-8)
+    standardise = lambda x: torch.cat([(x.double() - mean) / std, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)  # noqa: E731
+    features = standardise(train_x)
+    targets = F.one_hot(torch.tensor(train_y), num_classes).double()
+    penalty = ridge * len(features) * torch.eye(features.shape[1], dtype=torch.float64)
+    penalty[-1, -1] = 0.0
+    weights = torch.linalg.solve(features.t() @ features + penalty, features.t() @ targets)
+    predictions = (standardise(test_x) @ weights).argmax(dim=1)
+    return (predictions == torch.tensor(test_y)).double().mean().item()
+
+
+@torch.no_grad()
+def probe_scores(towers: StageOneTowers, num_captions: int = 1000, seed: int = 0) -> dict[str, float]:
+    """``{probe: test accuracy}`` of `ridge_probe_accuracy` on the object words of ``num_captions`` captions of the
+    probe's category (drawn with ``numpy.random.default_rng([seed, 10 + probe index])``; first half fits)."""
+    scores = {}
+    for probe_index, (probe, category) in enumerate(PROBES.items()):
+        rng = np.random.default_rng([seed, 10 + probe_index])
+        captions = [sample_scene(rng, category).caption for _ in range(num_captions)]
+        half = num_captions // 2
+        train_x, train_y = object_word_states(towers, captions[:half], probe)
+        test_x, test_y = object_word_states(towers, captions[half:], probe)
+        scores[probe] = ridge_probe_accuracy(train_x, train_y, test_x, test_y, len(PROBE_CLASSES[probe]))
+    return scores
+
+
+COLUMNS = {"image_to_text": "img>txt", "text_to_image": "txt>img", "token_cosine": "tok cos", "set_cosine": "set cos",
+           "pooled_cosine": "pool cos"}
 
 
 def format_table(rows: dict[str, dict]) -> str:
@@ -136,6 +230,11 @@ def format_table(rows: dict[str, dict]) -> str:
         lines.append(f"{name:<{width}}" + "".join(
             " | " + " ".join(f"{result[family][key]:>{len(label)}.3f}" for key, label in COLUMNS.items())
             for family in FAMILIES))
+    probes = [probe for probe in PROBES if all(probe in result.get("probes", {}) for result in rows.values())]
+    if probes:
+        lines += ["", f"{'token-state probe':<{width}}" + "".join(f" | {probe}" for probe in probes)]
+        for name, result in rows.items():
+            lines.append(f"{name:<{width}}" + "".join(f" | {result['probes'][probe]:>{len(probe)}.3f}" for probe in probes))
     return "\n".join(lines)
 
 
@@ -154,18 +253,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num_pairs", type=int, default=200, help="Caption pairs per family.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the captions and renders.")
     parser.add_argument("--resolution", type=int, default=32, help="Render size: the stage's training resolution.")
+    parser.add_argument("--num_probe", type=int, default=1000,
+                        help="Captions per token-state probe (half fit, half test); 0 skips the probes.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures to this JSON file.")
     args = parser.parse_args(argv)
     if args.num_pairs < 1:
         parser.error(f"argument --num_pairs: must be at least 1, got {args.num_pairs}")
+    if args.num_probe != 0 and args.num_probe < 4:
+        parser.error(f"argument --num_probe: must be 0 or at least 4, got {args.num_probe}")
+    rows = {}
     with torch.no_grad():
-        rows = {directory: binding_scores(load_towers(directory), args.num_pairs, args.seed, args.resolution)
-                for directory in args.text_encoder}
+        for directory in args.text_encoder:
+            towers = load_towers(directory)
+            rows[directory] = binding_scores(towers, args.num_pairs, args.seed, args.resolution)
+            if args.num_probe:
+                rows[directory]["probes"] = probe_scores(towers, args.num_probe, args.seed)
     print(f"{args.num_pairs} pairs per family, seed {args.seed}, {args.resolution} px; accuracy chance 0.5")
     for family in FAMILIES:
         print(f"  {family}: {' / '.join(next(iter(rows.values()))[family]['example'])}")
     print(format_table(rows))
-    report = {"settings": {"num_pairs": args.num_pairs, "seed": args.seed, "resolution": args.resolution},
+    report = {"settings": {"num_pairs": args.num_pairs, "seed": args.seed, "resolution": args.resolution,
+                           "num_probe": args.num_probe},
               "encoders": rows}
     if args.json is not None:
         from ldm_pipeline.trainer import write_text_atomic

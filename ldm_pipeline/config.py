@@ -158,6 +158,10 @@ class TextEncoderTrainingConfig(TrainingConfig):
     hard_negatives: bool = option(False, "NegCLIP hard negatives: each shapes caption with a binding/order "
                                          "counterpart (colours or objects swapped) adds that caption as a text no "
                                          "image matches. Captions outside the shapes grammar get none.")
+    token_region_weight: float = option(0.0, "Weight of FILIP's token-wise loss: each token state must find its "
+                                             "region of the image (0: off). It rewards token states that carry "
+                                             "their object's colour and place, which the U-Net cross-attends to.",
+                                        ge=0)
 
 
 @dataclass
@@ -221,7 +225,8 @@ class StageSpec:
 
 STAGES = {
     "text_encoder": StageSpec("text_encoder", "train_text_encoder.py", TextEncoderTrainingConfig,
-                              ("architecture", "tokenizer", "text_encoder", "image_tower", "projection_dim"),
+                              ("architecture", "tokenizer", "text_encoder", "image_tower", "projection_dim",
+                               "relative_attention_slopes"),
                               ("architecture",)),
     "vae": StageSpec("vae", "train_vae.py", VAETrainingConfig, ("autoencoder", "discriminator"), ("autoencoder",)),
     "unet": StageSpec("unet", "train_unet.py", UNetTrainingConfig, ("unet", "noise_scheduler"), ()),

@@ -125,8 +125,10 @@ def build_text_encoder(model_config: dict, tokenizer: PreTrainedTokenizerBase) -
     """A randomly initialised text encoder sized by ``model_config`` with ids taken from ``tokenizer``.
 
     ``model_config["architecture"]`` is ``"clip"`` (``CLIPTextConfig`` kwargs in ``model_config["text_encoder"]``)
-    or ``"t5"`` (``T5Config`` kwargs). Vocabulary size and pad/bos/eos ids always come from the tokenizer; the
-    CLIP position table defaults to ``tokenizer.model_max_length`` entries.
+    or ``"t5"`` (``T5Config`` kwargs; ``model_config["relative_attention_slopes"]``, one number per head, starts
+    its relative position bias as a distance penalty: `init_relative_attention_slopes`). Vocabulary size and
+    pad/bos/eos ids always come from the tokenizer; the CLIP position table defaults to
+    ``tokenizer.model_max_length`` entries.
     """
     architecture = model_config.get("architecture")
     if architecture not in ARCHITECTURES:
@@ -136,6 +138,10 @@ def build_text_encoder(model_config: dict, tokenizer: PreTrainedTokenizerBase) -
         if getattr(tokenizer, token) is None:
             raise ValueError(f"The tokenizer has no {token}: train it with train_tokenizer or set one.")
     ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    slopes = model_config.get("relative_attention_slopes")
+    if slopes is not None and architecture != "t5":
+        raise ValueError(f"model.relative_attention_slopes applies to T5 text encoders, not to {architecture!r}: "
+                         "remove it or set model.architecture to 't5'.")
 
     if architecture == "clip":
         if tokenizer.eos_token_id == 2:
@@ -153,7 +159,38 @@ def build_text_encoder(model_config: dict, tokenizer: PreTrainedTokenizerBase) -
         return CLIPTextModel(config)
 
     config = T5Config(**kwargs, **ids, decoder_start_token_id=tokenizer.pad_token_id, is_encoder_decoder=False, use_cache=False)
-    return T5EncoderModel(config)
+    text_encoder = T5EncoderModel(config)
+    if slopes is not None:
+        init_relative_attention_slopes(text_encoder, slopes)
+    return text_encoder
+
+
+def init_relative_attention_slopes(text_encoder: T5EncoderModel, slopes: Sequence[float]) -> None:
+    """Initialise a T5 encoder's relative position bias as ALiBi's distance penalty, one slope per head.
+
+    T5 adds a learned bias ``b_h(bucket(j - i))`` to the attention logit of query i and key j (Raffel et al. 2020,
+    arXiv:1910.10683, sec. 2.1); it is set to ``-m_h · |j - i|`` as in ALiBi (Press et al. 2022, arXiv:2108.12409,
+    sec. 3), with ``|j - i|`` the smallest distance the bucket holds, and stays trainable. With ``b = 0`` attention
+    and the token states are nearly the same set for "a red star and a green box" and "a green star and a red box"
+    (`benchmarks/bench_binding.py`, set cosine), and the U-Net's cross-attention, blind to order, cannot tell the
+    two apart; a distance penalty makes each word's state take most from its neighbours (``star`` from ``red``).
+    """
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    config = text_encoder.config
+    if config.model_type != "t5":
+        raise ValueError(f"model.relative_attention_slopes applies to T5 text encoders, not to {config.model_type!r}.")
+    if len(slopes) != config.num_heads or any(not isinstance(m, (int, float)) or m < 0 for m in slopes):
+        raise ValueError(f"model.relative_attention_slopes={list(slopes)}: give {config.num_heads} numbers >= 0, one "
+                         f"per attention head (text_encoder.num_heads={config.num_heads}).")
+    max_distance, num_buckets = config.relative_attention_max_distance, config.relative_attention_num_buckets
+    distances = torch.arange(-max_distance, max_distance + 1)
+    buckets = T5Attention._relative_position_bucket(distances, bidirectional=True, num_buckets=num_buckets,
+                                                    max_distance=max_distance)
+    nearest = torch.full((num_buckets,), float(max_distance)).scatter_reduce(0, buckets, distances.abs().float(), "amin")
+    bias = text_encoder.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+    with torch.no_grad():
+        bias.weight.copy_(-nearest[:, None] * torch.tensor(slopes, dtype=torch.float32)[None, :])  # [buckets, heads]
 
 
 def text_hidden_size(text_encoder: CLIPTextModel | T5EncoderModel) -> int:
@@ -161,16 +198,28 @@ def text_hidden_size(text_encoder: CLIPTextModel | T5EncoderModel) -> int:
     return config.d_model if config.model_type == "t5" else config.hidden_size
 
 
-def pooled_text_features(
+def text_states(
     text_encoder: CLIPTextModel | T5EncoderModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """One vector per caption: CLIP -> ``pooler_output`` (hidden state at the first ``</s>``, causal attention,
-    no padding mask, exactly as pipelines call it); T5 -> mean of ``last_hidden_state`` over unmasked tokens."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token_states [B, L, H], pooled [B, H])`` of one forward pass.
+
+    Token states are what the U-Net cross-attends to (`encode_prompts`). Pooled: CLIP -> ``pooler_output`` (the
+    hidden state at the first ``</s>``, causal attention, no padding mask, exactly as pipelines call it); T5 -> the
+    mean of ``last_hidden_state`` over unmasked tokens.
+    """
     if text_encoder.config.model_type == "t5":
         hidden = text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-    return text_encoder(input_ids=input_ids).pooler_output
+        return hidden, (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    outputs = text_encoder(input_ids=input_ids)
+    return outputs.last_hidden_state, outputs.pooler_output
+
+
+def pooled_text_features(
+    text_encoder: CLIPTextModel | T5EncoderModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """One vector per caption [B, H]: the pooled output of `text_states`."""
+    return text_states(text_encoder, input_ids, attention_mask)[1]
 
 
 def load_pretrained_text_encoder(
@@ -246,18 +295,46 @@ class ImageTower(ModelMixin, ConfigMixin):
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(pooled_size), nn.Flatten())
         self.projection = nn.Linear(channels * pooled_size * pooled_size, projection_dim)
 
+    def grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, C, g, g]: the pooled feature grid (g = ``pooled_size``) before projection."""
+        return self.features[:-1](pixel_values)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.projection(self.features(pixel_values))
+
+
+class TokenRegionHead(nn.Module):
+    """Training-only projections of token states and image regions into one space, for `token_region_loss`.
+
+    ``u_il = normalize(W_tok · h_il)`` for each token state [H] and ``w_jr = normalize(W_reg · f_jr + p_r)`` for
+    each cell r of the image tower's pooled grid [C]; the learned per-cell offset ``p_r`` lets a region say where
+    it is ("left of", "above").
+    """
+
+    def __init__(self, hidden_size: int, region_channels: int, num_regions: int, projection_dim: int):
+        super().__init__()
+        self.token_projection = nn.Linear(hidden_size, projection_dim, bias=False)
+        self.region_projection = nn.Linear(region_channels, projection_dim)
+        self.region_position = nn.Parameter(torch.zeros(num_regions, projection_dim))
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, token_states: torch.Tensor, grid: torch.Tensor):
+        tokens = F.normalize(self.token_projection(token_states), dim=-1)  # [B, L, P]
+        regions = self.region_projection(grid.flatten(2).transpose(1, 2)) + self.region_position  # [B, g·g, P]
+        return tokens, F.normalize(regions, dim=-1), self.log_logit_scale.clamp(max=math.log(100.0)).exp()
 
 
 class TextImageContrastiveModel(nn.Module):
     """Text tower + text projection + image tower + learnable logit scale, as one module for ``accelerator.prepare``.
 
     ``forward`` returns L2-normalised ``(text_embeds, image_embeds)`` and ``logit_scale = exp(s)``, with ``s``
-    initialised to ``log(1 / 0.07)`` and clamped to at most ``log(100)`` as in CLIP.
+    initialised to ``log(1 / 0.07)`` and clamped to at most ``log(100)`` as in CLIP. With a ``token_region_head``
+    it also returns ``(token_embeds [B, L, P], region_embeds [B, g·g, P], token_logit_scale)`` of the same
+    forward pass, for `token_region_loss`.
     """
 
-    def __init__(self, text_encoder: CLIPTextModel | T5EncoderModel, image_tower: ImageTower, projection_dim: int):
+    def __init__(self, text_encoder: CLIPTextModel | T5EncoderModel, image_tower: ImageTower, projection_dim: int,
+                 token_region_head: bool = False):
         super().__init__()
         self.text_encoder = text_encoder
         self.image_tower = image_tower
@@ -267,6 +344,10 @@ class TextImageContrastiveModel(nn.Module):
             raise ValueError(
                 f"image_tower.projection_dim={image_tower.config.projection_dim} differs from projection_dim={projection_dim}."
             )
+        self.token_region_head = None
+        if token_region_head:
+            self.token_region_head = TokenRegionHead(text_hidden_size(text_encoder), image_tower.config.block_out_channels[-1],
+                                                     image_tower.config.pooled_size ** 2, projection_dim)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_projection(pooled_text_features(self.text_encoder, input_ids, attention_mask)), dim=-1)
@@ -276,7 +357,14 @@ class TextImageContrastiveModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
         logit_scale = self.log_logit_scale.clamp(max=math.log(100.0)).exp()
-        return self.encode_text(input_ids, attention_mask), self.encode_image(pixel_values), logit_scale
+        token_states, pooled = text_states(self.text_encoder, input_ids, attention_mask)  # [B, L, H], [B, H]
+        grid = self.image_tower.grid(pixel_values)  # [B, C, g, g]
+        text_embeds = F.normalize(self.text_projection(pooled), dim=-1)
+        image_embeds = F.normalize(self.image_tower.projection(grid.flatten(1)), dim=-1)
+        if self.token_region_head is None:
+            return text_embeds, image_embeds, logit_scale
+        num_images = len(pixel_values)
+        return (text_embeds, image_embeds, logit_scale, *self.token_region_head(token_states[:num_images], grid))
 
 
 TEXT_PROJECTION_FILE = "text_projection.safetensors"
@@ -293,12 +381,14 @@ def save_text_projection(model: TextImageContrastiveModel, output_dir: str | os.
     return path
 
 
-def build_contrastive_model(model_config: dict, tokenizer: PreTrainedTokenizerBase) -> TextImageContrastiveModel:
+def build_contrastive_model(model_config: dict, tokenizer: PreTrainedTokenizerBase,
+                            token_region_head: bool = False) -> TextImageContrastiveModel:
     """Text encoder (``build_text_encoder``) + ``ImageTower(**model_config["image_tower"])`` joined in
-    ``model_config["projection_dim"]`` dimensions."""
+    ``model_config["projection_dim"]`` dimensions (and a `TokenRegionHead` when ``token_region_head``)."""
     projection_dim = model_config.get("projection_dim", 64)
     image_tower = ImageTower(**{**model_config.get("image_tower", {}), "projection_dim": projection_dim})
-    return TextImageContrastiveModel(build_text_encoder(model_config, tokenizer), image_tower, projection_dim)
+    return TextImageContrastiveModel(build_text_encoder(model_config, tokenizer), image_tower, projection_dim,
+                                     token_region_head)
 
 
 def same_caption_matrix(captions: Sequence[str]) -> torch.Tensor:
@@ -306,6 +396,19 @@ def same_caption_matrix(captions: Sequence[str]) -> torch.Tensor:
     ids = {caption: index for index, caption in enumerate(dict.fromkeys(captions))}
     labels = torch.tensor([ids[caption] for caption in captions])
     return labels[:, None] == labels[None, :]
+
+
+def caption_targets(num_captions: int, same_caption: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``T`` [B, B]: the identity without ``same_caption``, else ``T_ij = same_ij / Σ_k same_ik``."""
+    if same_caption is None:
+        return torch.eye(num_captions, device=like.device, dtype=like.dtype)
+    same = same_caption.to(device=like.device, dtype=like.dtype)
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``CE(X, T) = -1/B · Σ_i Σ_j T_ij · log softmax_j(X_i)``."""
+    return -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
 
 
 def contrastive_loss(
@@ -328,20 +431,53 @@ def contrastive_loss(
     al. 2023, "When and why vision-language models behave like bags-of-words", arXiv:2210.01936, sec. 4).
     """
     logits = logit_scale * text_embeds @ image_embeds.t()
-    if same_caption is None:
-        targets = torch.eye(len(logits), device=logits.device, dtype=logits.dtype)
-    else:
-        same = same_caption.to(device=logits.device, dtype=logits.dtype)
-        targets = same / same.sum(dim=1, keepdim=True)
-    text_to_image = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    targets = caption_targets(len(logits), same_caption, logits)
+    text_to_image = soft_cross_entropy(logits, targets)
     if negative_text_embeds is None:
-        image_to_text = -(targets.t() * logits.t().log_softmax(dim=1)).sum(dim=1).mean()
+        image_to_text = soft_cross_entropy(logits.t(), targets.t())
     else:
         negative_logits = logit_scale * image_embeds @ negative_text_embeds.t()  # [B, H]
         image_logits = torch.cat([logits.t(), negative_logits], dim=1)  # [B, B + H]
         image_targets = F.pad(targets.t(), (0, len(negative_text_embeds)))  # [B, B + H]
-        image_to_text = -(image_targets * image_logits.log_softmax(dim=1)).sum(dim=1).mean()
+        image_to_text = soft_cross_entropy(image_logits, image_targets)
     return (text_to_image + image_to_text) / 2
+
+
+def token_region_similarities(
+    token_embeds: torch.Tensor, token_mask: torch.Tensor, region_embeds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FILIP's token-wise similarities (Yao et al. 2021, arXiv:2111.07783, sec. 3.1.1, eq. 4-5) of every caption
+    i with every image j, from unit token embeddings u_il (mask m_il) and unit region embeddings w_jr:
+
+        text to image  s_ij = Σ_l m_il · max_r <u_il, w_jr> / Σ_l m_il      each word finds its best region
+        image to text  s'_ij = 1/R · Σ_r max_{l: m_il = 1} <u_il, w_jr>     each region finds its best word
+
+    Returns ``(s, s')``, both [B_text, B_image]. A bag-of-words caption cannot separate "a red star and a green
+    box" from its swap under s: its "star" token matches the star region whatever the star's colour, so only
+    token states that carry their object's colour score the right image higher.
+    """
+    length = int(token_mask.sum(dim=1).max().clamp(min=1))
+    token_embeds, token_mask = token_embeds[:, :length], token_mask[:, :length].to(token_embeds.dtype)
+    similarity = torch.einsum("ilp,jrp->ijlr", token_embeds, region_embeds)  # [B_t, B_i, L, R]
+    text_to_image = (similarity.amax(dim=3) * token_mask[:, None]).sum(dim=2) / token_mask.sum(dim=1, keepdim=True).clamp(min=1)
+    masked = similarity.masked_fill(token_mask[:, None, :, None] == 0, float("-inf"))
+    image_to_text = masked.amax(dim=2).mean(dim=2)
+    return text_to_image, image_to_text
+
+
+def token_region_loss(
+    token_embeds: torch.Tensor,
+    token_mask: torch.Tensor,
+    region_embeds: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    same_caption: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FILIP's contrastive loss (Yao et al. 2021, arXiv:2111.07783, eq. 2-5) on `token_region_similarities`:
+    ``½ · [CE(scale · s, T) + CE(scale · s'ᵀ, Tᵀ)]`` with the targets ``T`` of `contrastive_loss`."""
+    text_to_image, image_to_text = token_region_similarities(token_embeds, token_mask, region_embeds)
+    targets = caption_targets(len(text_to_image), same_caption, text_to_image)
+    return (soft_cross_entropy(logit_scale * text_to_image, targets)
+            + soft_cross_entropy(logit_scale * image_to_text.t(), targets.t())) / 2
 
 
 def hard_negative_captions(captions: Sequence[str]) -> list[tuple[int, str]]:

@@ -25,11 +25,13 @@ from ldm_pipeline.data.shapes import (
     canonical_caption,
     grammar_caption,
     parse_caption,
+    sample_scene,
     scene_from_caption,
 )
 from ldm_pipeline.evaluation.alignment import StageOneTowers, load_stage_one_towers
 from ldm_pipeline.text_encoder import (
     ImageTower,
+    init_relative_attention_slopes,
     contrastive_loss,
     gather_captions,
     gather_rows,
@@ -370,11 +372,13 @@ def test_benchmark_scores_a_bag_of_words_encoder_at_chance_on_swaps():
 
 def test_benchmark_on_a_trained_stage(hard_negative_run, tmp_path, capsys):
     out, _ = hard_negative_run
-    report = bench_binding.main(["--text_encoder", str(out), "--num_pairs", "12", "--json",
+    report = bench_binding.main(["--text_encoder", str(out), "--num_pairs", "12", "--num_probe", "40", "--json",
                                  str(tmp_path / "binding.json")])
     assert json.loads((tmp_path / "binding.json").read_text()) == json.loads(json.dumps(report))
     printed = capsys.readouterr().out
-    assert printed.count(str(out)) == 1 and "position swap" in printed, "one row per encoder"
+    assert printed.count(str(out)) == 2 and "position swap" in printed, "one row per encoder in each table"
+    probes = report["encoders"][str(out)].pop("probes")
+    assert set(probes) == set(bench_binding.PROBES) and all(0.0 <= value <= 1.0 for value in probes.values())
     for family, figures in report["encoders"][str(out)].items():
         assert figures["num_pairs"] == 12
         for key in ("image_to_text", "text_to_image"):
@@ -390,3 +394,74 @@ def test_benchmark_on_a_trained_stage(hard_negative_run, tmp_path, capsys):
     assert bench_binding.pairwise_accuracy(images, texts_b, texts_a) == pytest.approx(1 - accuracy)
     expected = ((images * texts_a).sum(-1) > (images * texts_b).sum(-1)).double().mean().item()
     assert accuracy == pytest.approx(expected, abs=0.5 / 16), "ties aside, the share of wins"
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("a red star and a green box", [(2, "red"), (6, "green")]),
+    ("an orange cat and a blue house", [(2, "orange"), (6, "blue")]),
+    ("a red box and a green box", [(2, "red"), (6, "green")]),
+])
+def test_probe_targets_of_colour_captions(caption, expected):
+    assert bench_binding.object_word_targets(caption, "noun colour") == expected
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("a cat left of a tree", [(1, "left"), (5, "right")]),
+    ("a cat right of a tree", [(1, "right"), (5, "left")]),
+    ("a heart above a car", [(1, "top"), (4, "bottom")]),
+    ("a ball below a box", [(1, "bottom"), (4, "top")]),
+])
+def test_probe_targets_of_position_captions(caption, expected):
+    assert bench_binding.object_word_targets(caption, "noun side") == expected
+
+
+def test_ridge_probe_matches_numpy_least_squares():
+    rng = np.random.default_rng(0)
+    train_x, test_x = rng.normal(size=(60, 5)), rng.normal(size=(40, 5))
+    train_y, test_y = list(rng.integers(0, 3, 60)), list(rng.integers(0, 3, 40))
+    mean, std = train_x.mean(axis=0), train_x.std(axis=0, ddof=1)
+    design = lambda x: np.hstack([(x - mean) / std, np.ones((len(x), 1))])  # noqa: E731
+    ridge = 0.1
+    # ridge as an augmented least-squares problem: extra rows sqrt(ridge · N) · I for the weights, none for the bias
+    augmented = np.vstack([design(train_x), np.hstack([np.sqrt(ridge * 60) * np.eye(5), np.zeros((5, 1))])])
+    targets = np.vstack([np.eye(3)[train_y], np.zeros((5, 3))])
+    weights = np.linalg.lstsq(augmented, targets, rcond=None)[0]
+    expected = float(((design(test_x) @ weights).argmax(axis=1) == np.array(test_y)).mean())
+    accuracy = bench_binding.ridge_probe_accuracy(torch.tensor(train_x), train_y, torch.tensor(test_x), test_y, 3, ridge)
+    assert accuracy == pytest.approx(expected)
+    separable = torch.tensor(np.eye(3)[train_y] + 0.01 * rng.normal(size=(60, 3)))
+    assert bench_binding.ridge_probe_accuracy(separable, train_y, separable, train_y, 3) == 1.0
+
+
+def test_probe_of_a_bag_of_words_encoder_cannot_beat_a_half_on_swapped_captions():
+    towers = bag_of_words_towers()
+    rng = np.random.default_rng(0)
+    captions = [sample_scene(rng, "color_attribution").caption for _ in range(200)]
+    train_x, train_y = bench_binding.object_word_states(towers, captions, "noun colour")
+    test = [caption for caption in captions[:60] if binding_counterpart(caption) is not None]
+    test_x, test_y = bench_binding.object_word_states(towers, test + [binding_counterpart(c) for c in test], "noun colour")
+    accuracy = bench_binding.ridge_probe_accuracy(train_x, train_y, test_x, test_y, len(bench_binding.COLORS))
+    assert accuracy <= 0.5 + 1e-9, "the same state for 'star' in a caption and its swap, with the colours swapped"
+
+
+def test_set_cosine_is_one_for_the_same_states_in_another_order_and_lower_otherwise():
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(2, 5, 8, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    shuffled = states[:, [2, 0, 1, 3, 4]]
+    shuffled_mask = mask[:, [2, 0, 1, 3, 4]]
+    assert bench_binding.set_cosine(states, mask, shuffled, shuffled_mask).item() == pytest.approx(1.0)
+    other = torch.randn(2, 5, 8, generator=generator)
+    cosines = F.normalize(states[0, :4], dim=-1) @ F.normalize(other[0, :4], dim=-1).t()
+    first = ((cosines.max(dim=1).values.mean() + cosines.max(dim=0).values.mean()) / 2).item()
+    cosines = F.normalize(states[1, :3], dim=-1) @ F.normalize(other[1, :3], dim=-1).t()
+    second = ((cosines.max(dim=1).values.mean() + cosines.max(dim=0).values.mean()) / 2).item()
+    assert bench_binding.set_cosine(states, mask, other, mask).item() == pytest.approx((first + second) / 2, abs=1e-6)
+
+
+def test_a_distance_penalty_makes_swapped_captions_different_sets_of_token_states():
+    towers = bag_of_words_towers()
+    pairs = bench_binding.caption_pairs("colour swap", 24, seed=0)
+    assert bench_binding.state_cosines(towers, *map(list, zip(*pairs)))["set_cosine"] == pytest.approx(1.0, abs=1e-5)
+    init_relative_attention_slopes(towers.text_encoder, [2.0, 1.0, 0.5, 0.25])
+    assert bench_binding.state_cosines(towers, *map(list, zip(*pairs)))["set_cosine"] < 0.999

@@ -26,6 +26,9 @@ from ldm_pipeline.text_encoder import (
     pooled_text_features,
     retrieval_accuracy,
     same_caption_matrix,
+    text_states,
+    token_region_loss,
+    token_region_similarities,
     train_tokenizer,
 )
 
@@ -126,6 +129,29 @@ def test_bad_model_configs_are_clear_errors(tokenizer):
         ImageTower(block_out_channels=(8, 12), norm_num_groups=8)
 
 
+def test_relative_attention_slopes_start_t5_bias_as_alibi_distance_penalty(tokenizer):
+    slopes = [2.0, 1.0, 0.5, 0.0]
+    model_config = {**tiny_model_config("t5"), "relative_attention_slopes": slopes}
+    model_config["text_encoder"] = {**model_config["text_encoder"], "num_heads": 4}
+    encoder = build_text_encoder(model_config, tokenizer)
+    attention = encoder.encoder.block[0].layer[0].SelfAttention
+    bias = attention.compute_bias(8, 8)[0]  # [heads, query, key]; T5 buckets are exact for |j - i| < 8
+    distance = np.abs(np.arange(8)[None, :] - np.arange(8)[:, None])
+    expected = -np.array(slopes)[:, None, None] * distance[None]
+    np.testing.assert_allclose(bias.detach().numpy(), expected, atol=1e-6)
+    assert attention.relative_attention_bias.weight.requires_grad, "a starting point, still trained"
+
+
+def test_bad_relative_attention_slopes_are_clear_errors(tokenizer):
+    t5 = tiny_model_config("t5")
+    with pytest.raises(ValueError, match=r"relative_attention_slopes.*2 numbers >= 0"):
+        build_text_encoder({**t5, "relative_attention_slopes": [1.0, 0.5, 0.25]}, tokenizer)
+    with pytest.raises(ValueError, match=r"relative_attention_slopes.*2 numbers >= 0"):
+        build_text_encoder({**t5, "relative_attention_slopes": [1.0, -1.0]}, tokenizer)
+    with pytest.raises(ValueError, match="applies to T5"):
+        build_text_encoder({**tiny_model_config("clip"), "relative_attention_slopes": [1.0, 1.0]}, tokenizer)
+
+
 def test_image_tower_patch_stem_keeps_a_spatial_grid():
     tower = ImageTower(block_out_channels=(8, 16), norm_num_groups=4, pooled_size=2, patch_size=4, projection_dim=5)
     stem = tower.features[0]
@@ -189,6 +215,69 @@ def test_contrastive_loss_matches_clip_reference_and_handles_duplicate_captions(
     soft = lambda x: -(targets * x.log_softmax(dim=1)).sum(dim=1).mean()  # noqa: E731
     expected = (soft(logits) + soft(logits.t())) / 2
     torch.testing.assert_close(contrastive_loss(text, image, 3.0, same_caption_matrix(duplicated)), expected)
+
+
+def test_token_region_similarities_match_a_loop_over_filip_equations():
+    generator = torch.Generator().manual_seed(0)
+    tokens = F.normalize(torch.randn(3, 6, 5, generator=generator), dim=-1)  # [B_t, L, P]
+    regions = F.normalize(torch.randn(4, 9, 5, generator=generator), dim=-1)  # [B_i, R, P]
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]])
+    text_to_image, image_to_text = token_region_similarities(tokens, mask, regions)
+    t, v, m = tokens.double().numpy(), regions.double().numpy(), mask.numpy().astype(bool)
+    for i in range(3):
+        for j in range(4):
+            cosines = t[i][m[i]] @ v[j].T  # [words of caption i, R]
+            assert text_to_image[i, j].item() == pytest.approx(cosines.max(axis=1).mean(), abs=1e-6)
+            assert image_to_text[i, j].item() == pytest.approx(cosines.max(axis=0).mean(), abs=1e-6)
+
+
+def test_token_region_loss_is_the_symmetric_contrastive_loss_of_its_similarities():
+    generator = torch.Generator().manual_seed(1)
+    tokens = F.normalize(torch.randn(4, 5, 6, generator=generator), dim=-1)
+    regions = F.normalize(torch.randn(4, 4, 6, generator=generator), dim=-1)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    text_to_image, image_to_text = token_region_similarities(tokens, mask, regions)
+    expected = (F.cross_entropy(5.0 * text_to_image, torch.arange(4))
+                + F.cross_entropy(5.0 * image_to_text.t(), torch.arange(4))) / 2
+    torch.testing.assert_close(token_region_loss(tokens, mask, regions, 5.0), expected)
+    duplicated = same_caption_matrix(["a", "a", "b", "c"])
+    targets = duplicated.double() / duplicated.double().sum(dim=1, keepdim=True)
+    soft = lambda x, y: -(y * x.double().log_softmax(dim=1)).sum(dim=1).mean()  # noqa: E731
+    expected = (soft(5.0 * text_to_image, targets) + soft(5.0 * image_to_text.t(), targets.t())) / 2
+    assert token_region_loss(tokens, mask, regions, 5.0, duplicated).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_token_region_similarity_tells_a_colour_swap_only_from_bound_token_states():
+    red, green, star, box = torch.eye(4)
+    regions = torch.stack([F.normalize(red + star, dim=0), F.normalize(green + box, dim=0)])[None]  # red star, green box
+    swapped = torch.stack([F.normalize(green + star, dim=0), F.normalize(red + box, dim=0)])[None]
+    images = torch.cat([regions, swapped])  # [2, R, P]
+    mask = torch.ones(1, 4)
+    bag_of_words = torch.stack([red, star, green, box])[None]  # "a red star and a green box", word by word
+    bound = torch.stack([red, F.normalize(red + star, dim=0), green, F.normalize(green + box, dim=0)])[None]
+    scores_bag, _ = token_region_similarities(bag_of_words, mask, images)
+    scores_bound, _ = token_region_similarities(bound, mask, images)
+    assert scores_bag[0, 0].item() == pytest.approx(scores_bag[0, 1].item())
+    assert scores_bound[0, 0].item() > scores_bound[0, 1].item() + 0.1
+
+
+@pytest.mark.parametrize("architecture", ["clip", "t5"])
+def test_token_region_head_returns_token_states_of_the_same_forward_pass(tokenizer, architecture):
+    torch.manual_seed(0)
+    model = build_contrastive_model(tiny_model_config(architecture), tokenizer, token_region_head=True).eval()
+    tokens = tokenizer(CAPTIONS[:3], padding="max_length", return_tensors="pt")
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        text_embeds, image_embeds, _, token_embeds, region_embeds, _ = model(tokens.input_ids, tokens.attention_mask, images)
+        states, _ = text_states(model.text_encoder, tokens.input_ids, tokens.attention_mask)
+        head = model.token_region_head
+        grid = model.image_tower.grid(images)
+    torch.testing.assert_close(text_embeds, model.encode_text(tokens.input_ids, tokens.attention_mask))
+    torch.testing.assert_close(image_embeds, model.encode_image(images))
+    torch.testing.assert_close(token_embeds, F.normalize(head.token_projection(states), dim=-1))
+    pooled_size = model.image_tower.config.pooled_size
+    cells = grid.permute(0, 2, 3, 1).reshape(3, pooled_size ** 2, -1)  # row-major cells
+    torch.testing.assert_close(region_embeds, F.normalize(head.region_projection(cells) + head.region_position, dim=-1))
 
 
 def test_retrieval_accuracy_perfect_alignment_and_duplicate_caption_rule():
@@ -275,6 +364,21 @@ def test_train_script_t5_end_to_end(tmp_path, capsys):
     assert f"retrieval top1={metrics['top1']:.3f} top5={metrics['top5']:.3f} (32 held-out pairs" in capsys.readouterr().out
     check_saved_stage(tmp_path, T5EncoderModel)
     assert metrics["architecture"] == "t5" and metrics["train_steps"] == 4
+
+
+def test_train_script_with_the_token_region_loss_logs_it_and_resumes_exactly(tmp_path):
+    flags = ["--config", str(TINY["t5"]), "--token_region_weight", "0.5", "--max_train_steps", "4",
+             "--checkpointing_steps", "2"]
+    run_stage("text_encoder", flags + ["--output_dir", str(tmp_path / "full")])
+    history = [json.loads(line) for line in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
+    token_losses = [record["token_region_loss"] for record in history if "loss" in record]
+    assert len(token_losses) == 4 and all(0 < value < math.log(64) + 1 for value in token_losses), history
+    run_stage("text_encoder", flags + ["--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "2"])
+    run_stage("text_encoder", flags + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
+    full = load_file(tmp_path / "full" / "text_encoder" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "text_encoder" / "model.safetensors")
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
 
 
 def test_resume_from_checkpoint_continues_exactly(clip_run, tmp_path):

@@ -8,7 +8,8 @@ image-text model's other parts, used by ldm-eval --text_stage),
 OUT/text_encoder_metrics.json (held-out text-to-image retrieval top-1/top-5), OUT/train_log.jsonl, tensorboard logs
 in OUT/logs and resumable states in OUT/checkpoints. With --hard_negatives each shapes caption with a binding/order
 counterpart ("a red star and a green box" -> "a green star and a red box") adds it as a text no image matches
-(NegCLIP). With --pretrained_text_encoder nothing is trained: the named CLIP or T5 text encoder and its tokenizer
+(NegCLIP). With --token_region_weight W > 0 the loss adds W times FILIP's token-wise loss, which asks each token
+state to find its region of the image. With --pretrained_text_encoder nothing is trained: the named CLIP or T5 text encoder and its tokenizer
 are copied to OUT/text_encoder and OUT/tokenizer.
 """
 
@@ -36,6 +37,7 @@ from ldm_pipeline.text_encoder import (
     own_hard_negatives,
     same_caption_matrix,
     save_text_projection,
+    token_region_loss,
     train_tokenizer,
 )
 from ldm_pipeline.trainer import StageTrainer, check_writable
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     # 3. Model: text tower + image tower joined in a shared embedding space.
-    model = build_contrastive_model(config.model, tokenizer)
+    token_regions = args.token_region_weight > 0
+    model = build_contrastive_model(config.model, tokenizer, token_region_head=token_regions)
     if args.gradient_checkpointing:
         model.text_encoder.gradient_checkpointing_enable()
     trainer.print(f"{config.model['architecture']} text encoder: "
@@ -113,21 +116,32 @@ def main(argv: list[str] | None = None) -> dict:
             negatives, num_negatives = (own_hard_negatives(trainer.accelerator, captions, len(batch["captions"]))
                                         if args.hard_negatives else ([], 0))
             tokens = tokenize_prompts(tokenizer, batch["captions"] + negatives)
-            text_embeds, image_embeds, logit_scale = model(tokens["input_ids"].to(device),
-                                                           tokens["attention_mask"].to(device), batch["pixel_values"])
+            input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+            text_embeds, image_embeds, logit_scale, *token_outputs = model(input_ids, attention_mask,
+                                                                           batch["pixel_values"])
             negative_embeds = None
             if args.hard_negatives:
                 text_embeds, negative_embeds = text_embeds[:len(image_embeds)], text_embeds[len(image_embeds):]
                 negative_embeds = gather_rows(trainer.accelerator, negative_embeds)
             text_embeds = gather_rows(trainer.accelerator, text_embeds)  # [B, D] -> [n·B, D]
             image_embeds = gather_rows(trainer.accelerator, image_embeds)
-            loss = contrastive_loss(text_embeds, image_embeds, logit_scale, same_caption_matrix(captions),
-                                    negative_embeds)
+            same_caption = same_caption_matrix(captions)
+            loss = contrastive_loss(text_embeds, image_embeds, logit_scale, same_caption, negative_embeds)
+            if token_regions:
+                token_embeds, region_embeds, token_logit_scale = token_outputs  # [B, L, P], [B, g·g, P]
+                token_mask = attention_mask[:len(batch["captions"])].float()
+                token_loss = token_region_loss(gather_rows(trainer.accelerator, token_embeds),
+                                               gather_rows(trainer.accelerator, token_mask),
+                                               gather_rows(trainer.accelerator, region_embeds),
+                                               token_logit_scale, same_caption)
+                loss = loss + args.token_region_weight * token_loss
             trainer.backward(loss * trainer.accelerator.num_processes, model)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         logged = {"hard_negatives": num_negatives} if args.hard_negatives else {}
+        if token_regions:
+            logged["token_region_loss"] = token_loss
         if (trainer.end_micro_step(loss=loss, lr=lr_scheduler.get_last_lr()[0], logit_scale=logit_scale, **logged)
                 and trainer.validation_due()):
             metrics = trainer.on_main_process(validate)
