@@ -303,6 +303,11 @@ class ImageTower(ModelMixin, ConfigMixin):
         return self.projection(self.features(pixel_values))
 
 
+def clamped_logit_scale(log_logit_scale: torch.Tensor) -> torch.Tensor:
+    """``exp(min(s, log 100))``: a learned contrastive temperature, clamped as in CLIP (Radford et al. 2021)."""
+    return log_logit_scale.clamp(max=math.log(100.0)).exp()
+
+
 class TokenRegionHead(nn.Module):
     """Training-only projections of token states and image regions into one space, for `token_region_loss`.
 
@@ -321,7 +326,7 @@ class TokenRegionHead(nn.Module):
     def forward(self, token_states: torch.Tensor, grid: torch.Tensor):
         tokens = F.normalize(self.token_projection(token_states), dim=-1)  # [B, L, P]
         regions = self.region_projection(grid.flatten(2).transpose(1, 2)) + self.region_position  # [B, g·g, P]
-        return tokens, F.normalize(regions, dim=-1), self.log_logit_scale.clamp(max=math.log(100.0)).exp()
+        return tokens, F.normalize(regions, dim=-1), clamped_logit_scale(self.log_logit_scale)
 
 
 class TextImageContrastiveModel(nn.Module):
@@ -350,17 +355,24 @@ class TextImageContrastiveModel(nn.Module):
                                                      image_tower.config.pooled_size ** 2, projection_dim)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_projection(pooled_text_features(self.text_encoder, input_ids, attention_mask)), dim=-1)
+        return self.embed_pooled_text(pooled_text_features(self.text_encoder, input_ids, attention_mask))
+
+    def embed_pooled_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[B, H] pooled text features -> [B, P] unit text embeddings."""
+        return F.normalize(self.text_projection(pooled), dim=-1)
+
+    def embed_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """[B, C, g, g] image-tower grid -> [B, P] unit image embeddings."""
+        return F.normalize(self.image_tower.projection(grid.flatten(1)), dim=-1)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_tower(pixel_values), dim=-1)
+        return self.embed_grid(self.image_tower.grid(pixel_values))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
-        logit_scale = self.log_logit_scale.clamp(max=math.log(100.0)).exp()
+        logit_scale = clamped_logit_scale(self.log_logit_scale)
         token_states, pooled = text_states(self.text_encoder, input_ids, attention_mask)  # [B, L, H], [B, H]
         grid = self.image_tower.grid(pixel_values)  # [B, C, g, g]
-        text_embeds = F.normalize(self.text_projection(pooled), dim=-1)
-        image_embeds = F.normalize(self.image_tower.projection(grid.flatten(1)), dim=-1)
+        text_embeds, image_embeds = self.embed_pooled_text(pooled), self.embed_grid(grid)  # [B, P], [B, P]
         if self.token_region_head is None:
             return text_embeds, image_embeds, logit_scale
         num_images = len(pixel_values)
