@@ -24,7 +24,8 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_utilisation.py --profile "U-Net, cached"
-	$(PY) benchmarks/bench_step_options.py --steps 10
+	$(PY) benchmarks/bench_step_options.py --steps 10 --options baseline foreach fused channels_last
+	$(PY) benchmarks/bench_step_options.py --steps 10 --options baseline compile --stages "U-Net, cached"
 	$(PY) benchmarks/bench_under_load.py
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_streaming.py
@@ -32,6 +33,7 @@ bench: install
 	$(PY) benchmarks/bench_shapes.py
 	$(PY) benchmarks/bench_unet_training.py --steps 40
 	$(PY) benchmarks/bench_unet_training.py --size gpu --steps 5 --batch_size 8 --check
+	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_pipeline.py --scheduler dpm++ --steps 20 --guidance_scale 5 --guidance_interval 1.0 inf
 	$(PY) benchmarks/bench_determinism.py
 

@@ -1,11 +1,11 @@
 """Sampling latency per image: ``LatentDiffusionPipeline`` beside Diffusers' ``StableDiffusionPipeline`` on the
 same components, scheduler, prompts and seed, in the same process.
 
-    python benchmarks/bench_pipeline.py [--model runs/demo/pipeline] [--steps 25] [--repeats 7] [--threads 1]
+    python benchmarks/bench_pipeline.py [--model PIPELINE | --size demo] [--steps 25] [--repeats 7] [--threads 1]
         [--scheduler dpm++] [--guidance_interval 1.0 inf]
 
-Without ``--model`` the components are random with the demo's shapes (32 px images, VAE factor 4, 8x8x8
-latents, CLIP text encoder). The two pipelines run alternately (``repeats`` rounds, order swapped every round,
+Without ``--model`` the components are random with the shapes of ``configs/<size>`` (its VAE and U-Net, and a
+CLIP text encoder of its text encoder's width and depth: ``StableDiffusionPipeline`` needs a CLIP one). The two pipelines run alternately (``repeats`` rounds, order swapped every round,
 after one warm-up call each) and the median seconds per image are compared; the outputs are checked to agree.
 ratio = ours / StableDiffusionPipeline (target <= 1.0), on this process's CPU time (with one thread it is the work
 done, unlike wall-clock time, which other jobs on a shared machine inflate); the wall-clock ratio is printed too.
@@ -16,29 +16,41 @@ the same interleaved rounds, and its time is compared with ours guided at every 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
 
 from ldm_pipeline import LatentDiffusionPipeline, scheduler_from_name  # noqa: E402
 from ldm_pipeline.prompt_encoding import is_clip_text_model  # noqa: E402
 from ldm_pipeline.schedulers import in_guidance_interval  # noqa: E402
+from ldm_pipeline.unet import build_unet  # noqa: E402
+from ldm_pipeline.vae import build_vae  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat left of a blue house", "two green stars", "a yellow ball above a pink box", "three trees"]
 WORDS = ("a an and of left right above below one two three four red orange yellow green blue purple pink brown "
          "cat house tree car star heart ball box cats houses trees cars stars hearts balls boxes").split()
 
+T5_TO_CLIP_SIZES = {"hidden_size": "d_model", "intermediate_size": "d_ff", "num_hidden_layers": "num_layers",
+                    "num_attention_heads": "num_heads"}
 
-def random_components(resolution: int, seed: int = 0) -> dict:
-    """Demo-sized random tokenizer, CLIP text encoder, VAE (factor 4) and U-Net."""
+
+def random_components(size: str, seed: int = 0) -> dict:
+    """Random components with the shapes of ``configs/<size>``: its VAE and U-Net, a CLIP text encoder as wide and
+    deep as its text encoder (``StableDiffusionPipeline`` encodes prompts the CLIP way), a word-level tokenizer and
+    a DDIM scheduler with Stable Diffusion's step settings on the config's noise schedule."""
+    configs = {name: json.loads((REPO / "configs" / size / f"{name}.json").read_text())
+               for name in ("text_encoder", "vae", "unet")}
     vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
@@ -46,29 +58,29 @@ def random_components(resolution: int, seed: int = 0) -> dict:
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
     )
+    text_model = configs["text_encoder"]["model"]
+    max_length = text_model.get("tokenizer", {}).get("model_max_length", 16)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        model_max_length=16,
+        model_max_length=max_length,
     )
+    sizes = dict(text_model["text_encoder"])
+    if text_model.get("architecture") == "t5":
+        sizes = {clip_key: sizes[t5_key] for clip_key, t5_key in T5_TO_CLIP_SIZES.items()}
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-        max_position_embeddings=16, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        vocab_size=len(tokenizer), hidden_size=sizes["hidden_size"], intermediate_size=sizes["intermediate_size"],
+        num_hidden_layers=sizes["num_hidden_layers"], num_attention_heads=sizes["num_attention_heads"],
+        max_position_embeddings=max_length, pad_token_id=0, bos_token_id=2, eos_token_id=3,
     ))
-    vae = AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-        block_out_channels=[32, 64, 64], latent_channels=8, norm_num_groups=16, sample_size=resolution,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=resolution // 4, in_channels=8, out_channels=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=128, attention_head_dim=8,
-        norm_num_groups=16,
-    )
+    resolution = configs["unet"]["data"]["resolution"]
+    vae = build_vae(configs["vae"]["model"], resolution)
+    unet = build_unet(configs["unet"]["model"], vae, text_encoder, resolution)
+    noise_schedule = configs["unet"]["model"].get("noise_scheduler", {})
     scheduler = scheduler_from_name("ddim", dict(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-        set_alpha_to_one=False,
+        num_train_timesteps=noise_schedule.get("num_train_timesteps", 1000),
+        beta_schedule=noise_schedule.get("beta_schedule", "scaled_linear"),
+        prediction_type=noise_schedule.get("prediction_type", "epsilon"), steps_offset=1, set_alpha_to_one=False,
     ))
     return dict(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), unet=unet.eval(),
                 scheduler=scheduler)
@@ -87,7 +99,7 @@ def seconds(pipe, args, **extra) -> tuple[float, float, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="A pipeline directory (default: random demo-sized components).")
-    parser.add_argument("--resolution", type=int, default=32, help="Image size of the random components.")
+    parser.add_argument("--size", default="demo", help="configs/<size> gives the random components' shapes.")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=4.0)
     parser.add_argument("--num_prompts", type=int, default=4, choices=range(1, len(PROMPTS) + 1))
@@ -109,7 +121,7 @@ def main() -> None:
                              "out --model to time random demo-sized components.")
         components = dict(ours.components)
     else:
-        components = random_components(args.resolution)
+        components = random_components(args.size)
         ours = LatentDiffusionPipeline(**components)
     if args.scheduler:
         ours.set_scheduler(args.scheduler)
