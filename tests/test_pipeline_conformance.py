@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import diffusers
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from diffusers.callbacks import SDCFGCutoffCallback
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -29,6 +31,7 @@ from conftest import (
 from ldm_pipeline import LatentDiffusionPipeline
 from test_pipeline import make_reference_pipeline
 
+REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red cat", "two blue stars left of a house"]
 IMAGE_SIZE = 16
 LATENT_SHAPE = (4, 8, 8)
@@ -378,3 +381,32 @@ def test_a_tokenizer_larger_than_the_text_encoder_vocabulary_is_refused(componen
     small = type(small)(type(small.config)(**{**small.config.to_dict(), "vocab_size": 10}))
     with pytest.raises(ValueError, match="tokenizer .* has 4\\d tokens but the text encoder.*vocab_size=10"):
         LatentDiffusionPipeline(**{**components, "text_encoder": small}, scheduler=make_tiny_scheduler())
+
+
+# ------------------------------------------------------------------------------- benchmarks/bench_pipeline
+
+
+def test_bench_pipeline_components_give_stable_diffusions_images():
+    """The latency benchmark's premise: its random components take the shapes of ``configs/demo`` (VAE and U-Net
+    built from the configs, a CLIP text encoder as wide as the demo's T5), and on them both pipelines compute the
+    same images, so the timed rows compare the same work."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_pipeline
+
+    demo = {name: json.loads((REPO / "configs" / "demo" / f"{name}.json").read_text())
+            for name in ("unet", "text_encoder")}
+    parts = bench_pipeline.random_components("demo")
+    assert list(parts["unet"].config.block_out_channels) == demo["unet"]["model"]["unet"]["block_out_channels"]
+    assert parts["unet"].config.sample_size == demo["unet"]["data"]["resolution"] // 4
+    assert parts["text_encoder"].config.hidden_size == demo["text_encoder"]["model"]["text_encoder"]["d_model"]
+    assert parts["scheduler"].config.beta_schedule == demo["unet"]["model"]["noise_scheduler"]["beta_schedule"]
+    assert parts["scheduler"].config.steps_offset == 1 and not parts["scheduler"].config.clip_sample
+
+    ours = LatentDiffusionPipeline(**parts)
+    reference = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                        requires_safety_checker=False)
+    images = [pipe(PROMPTS, num_inference_steps=3, guidance_scale=4.0, generator=torch.Generator().manual_seed(0),
+                   output_type="np").images for pipe in (ours, reference)]
+    assert images[0].shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(images[0], images[1], atol=1e-6)
+    assert images[0].std() > 0.01
