@@ -5,8 +5,9 @@ same components, scheduler, prompts and seed, in the same process.
         [--scheduler dpm++] [--guidance_interval 1.0 inf]
 
 Without ``--model`` the components are random with the shapes of ``configs/<size>`` (its VAE and U-Net, and a
-CLIP text encoder of its text encoder's width and depth: ``StableDiffusionPipeline`` needs a CLIP one). The two pipelines run alternately (``repeats`` rounds, order swapped every round,
-after one warm-up call each) and the median seconds per image are compared; the outputs are checked to agree.
+CLIP text encoder of its text encoder's width and depth: ``StableDiffusionPipeline`` needs a CLIP one). The two
+pipelines run alternately (``repeats`` rounds, order swapped every round, after one warm-up call each) and the
+median seconds per image are compared; the outputs are checked to agree.
 ratio = ours / StableDiffusionPipeline (target <= 1.0), on this process's CPU time (with one thread it is the work
 done, unlike wall-clock time, which other jobs on a shared machine inflate); the wall-clock ratio is printed too.
 With ``--guidance_interval LO HI`` a third row runs our pipeline with guidance only where σ_t is in (LO, HI], in
@@ -16,7 +17,6 @@ the same interleaved rounds, and its time is compared with ours guided at every 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -31,6 +31,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
 
 from ldm_pipeline import LatentDiffusionPipeline, scheduler_from_name  # noqa: E402
+from ldm_pipeline.config import read_config_file  # noqa: E402
 from ldm_pipeline.prompt_encoding import is_clip_text_model  # noqa: E402
 from ldm_pipeline.schedulers import in_guidance_interval  # noqa: E402
 from ldm_pipeline.unet import build_unet  # noqa: E402
@@ -49,7 +50,7 @@ def random_components(size: str, seed: int = 0) -> dict:
     """Random components with the shapes of ``configs/<size>``: its VAE and U-Net, a CLIP text encoder as wide and
     deep as its text encoder (``StableDiffusionPipeline`` encodes prompts the CLIP way), a word-level tokenizer and
     a DDIM scheduler with Stable Diffusion's step settings on the config's noise schedule."""
-    configs = {name: json.loads((REPO / "configs" / size / f"{name}.json").read_text())
+    configs = {name: read_config_file(REPO / "configs" / size / f"{name}.json")
                for name in ("text_encoder", "vae", "unet")}
     vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -98,7 +99,7 @@ def seconds(pipe, args, **extra) -> tuple[float, float, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="A pipeline directory (default: random demo-sized components).")
+    parser.add_argument("--model", default=None, help="A pipeline directory (default: random components, see --size).")
     parser.add_argument("--size", default="demo", help="configs/<size> gives the random components' shapes.")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=4.0)
