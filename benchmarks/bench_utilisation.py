@@ -126,8 +126,8 @@ def stage_steps(size: str, sampling_batch: int = 16, batch: int | None = None, o
     same = same_caption_matrix(batch_captions)
 
     def text_loss():
-        text_embeds, image_embeds, scale = contrastive_forward(tokens.input_ids, tokens.attention_mask, images)
-        return contrastive_loss(text_embeds, image_embeds, scale, same)
+        output = contrastive_forward(tokens.input_ids, tokens.attention_mask, images)
+        return contrastive_loss(output.text_embeds, output.image_embeds, output.logit_scale, same)
 
     rows = [("text encoder (contrastive)", train_step(contrastive, text_loss), text_batch)]
 

@@ -49,6 +49,7 @@ from ldm_pipeline.evaluation.fid import (
 from ldm_pipeline.evaluation.images import labelled_grid, sample_images, to_pil_images
 from ldm_pipeline.evaluation.memorization import DEFAULT_PERCENTILE
 from ldm_pipeline.evaluation.scoring import (
+    WORD_ORDERS,
     GenEvalScorer,
     classifier_accuracy,
     make_prompt_set,
@@ -85,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Local FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or a "
                              "safetensors copy) for the standard Inception FID; never downloaded.")
     parser.add_argument("--grid_images", type=int, default=16, help="Images per category shown in each grid.")
+    parser.add_argument("--categories", nargs="+", default=None, choices=CATEGORIES, metavar="CATEGORY",
+                        help=f"Score only these categories of the shapes grammar (default: all: {', '.join(CATEGORIES)}).")
+    parser.add_argument("--word_orders", default="all", choices=WORD_ORDERS,
+                        help="held_out: only the relation and colour-binding orders that training left out "
+                             "(--shapes_held_out_orders and --data_seed of the training data); trained: only the "
+                             "others (default: all).")
     user = parser.add_argument_group("evaluation on your own data (with --model)")
     user.add_argument("--text_stage", default=None,
                       help="Text-stage output dir (text_encoder/, tokenizer/, image_tower/): its towers judge the "
@@ -153,7 +160,7 @@ def reconstruct_images(args: argparse.Namespace, prompt_set) -> tuple[list[Image
 def markdown_report(report: dict) -> str:
     scores, counts = report["scores"], report["num_images_per_category"]
     lines = [f"# ldm-eval: {report['model']}", "", "| category | score | images |", "|---|---:|---:|"]
-    for category in CATEGORIES:
+    for category in counts:
         lines.append(f"| {category} | {scores[category]:.3f} | {counts[category]} |")
     lines.append(f"| **overall** | **{scores['overall']:.3f}** | {report['num_images']} |")
     fid_note = report["settings"]["fid_reference"]
@@ -231,13 +238,17 @@ def evaluate_shapes(args: argparse.Namespace) -> dict:
         args.num_images = SHAPES_NUM_IMAGES
     inception = load_fid_inception(args.inception_weights, args.device) if args.inception_weights else None
     scorer = GenEvalScorer(load_object_classifier(args.classifier))
-    prompt_set = make_prompt_set(args.num_images, args.seed)
+    prompt_set = make_prompt_set(args.num_images, args.seed, args.categories, args.word_orders,
+                                 args.shapes_held_out_orders, args.data_seed)
     captions = [p.prompt for p in prompt_set]
+    categories = list(dict.fromkeys(p.category for p in prompt_set))
 
     if args.real:
         resolution = args.resolution or 64
         images = render_prompt_set(prompt_set, resolution)
-        reference = render_prompt_set(make_prompt_set(args.num_images, args.seed + 1), resolution)
+        reference = render_prompt_set(make_prompt_set(args.num_images, args.seed + 1, args.categories,
+                                                      args.word_orders, args.shapes_held_out_orders, args.data_seed),
+                                      resolution)
         settings = {"resolution": resolution}
         fid_reference = f"vs real renders of the prompt set of seed {args.seed + 1}: the FID floor for this size"
     elif args.vae:
@@ -249,6 +260,9 @@ def evaluate_shapes(args: argparse.Namespace) -> dict:
         reference = render_prompt_set(prompt_set, settings["resolution"])
         fid_reference = "vs real renders of the same prompts' scenes"
     settings = {"seed": args.seed, **settings, "fid_reference": fid_reference}
+    if args.word_orders != "all":
+        settings.update(word_orders=args.word_orders, shapes_held_out_orders=args.shapes_held_out_orders,
+                        data_seed=args.data_seed)
 
     scores, judgements = scorer.score(images, captions)
     accuracy, num_objects = classifier_accuracy(scorer, [p.scene for p in prompt_set], settings["resolution"])
@@ -266,7 +280,7 @@ def evaluate_shapes(args: argparse.Namespace) -> dict:
         "inception_fid_note": f"FID Inception-v3 pool features, {args.inception_weights}" if inception is not None
         else INCEPTION_FID_NOT_REQUESTED,
         "num_images": len(images),
-        "num_images_per_category": {c: sum(p.category == c for p in prompt_set) for c in CATEGORIES},
+        "num_images_per_category": {c: sum(p.category == c for p in prompt_set) for c in categories},
         "model": ("real renders (--real)" if args.real
                   else f"VAE reconstructions ({args.vae})" if args.vae else str(args.model)),
         "unet": getattr(args, "unet", None),
@@ -277,7 +291,7 @@ def evaluate_shapes(args: argparse.Namespace) -> dict:
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for prompt, image in zip(prompt_set, images):
         image.save(out / "samples" / f"{prompt.category}_{prompt.index:04d}.png")
-    for category in CATEGORIES:
+    for category in categories:
         chosen = [i for i, p in enumerate(prompt_set) if p.category == category][: args.grid_images]
         labelled_grid([images[i] for i in chosen], [judgements[i].prompt for i in chosen],
                       [judgements[i].correct for i in chosen]).save(out / f"grid_{category}.png")

@@ -70,6 +70,11 @@ class DataConfig:
     shapes_categories: list[str] | None = option(None, "Caption categories of the built-in shapes training data, "
                                                        "each item's drawn uniformly from this list: repeat a name "
                                                        "to weight it (default: all six, equally).")
+    shapes_held_out_orders: float = option(0.0, "Fraction of the relation and colour-binding word orders of the "
+                                                "built-in shapes data left out of training, each with its reverse "
+                                                "kept ('a cat left of a tree' out, 'a tree left of a cat' in): a "
+                                                "test of word order (benchmarks/bench_word_order.py). At most 0.5.",
+                                           ge=0, le=0.5)
     num_validation_samples: int = option(200, "Size of the shapes validation set, or of the held-out slice of "
                                               "user data.", gt=0)
     data_seed: int = option(0, "Seed of the shapes data and of held-out slices.", ge=0)
@@ -93,6 +98,9 @@ class DataConfig:
                 raise ConfigError(f"--shapes_categories {' '.join(self.shapes_categories) or '(empty)'}: "
                                   f"{'unknown ' + ', '.join(unknown) if unknown else 'empty list'}; name some of "
                                   f"{', '.join(CATEGORIES)} (repeat one to weight it).")
+        if self.shapes_held_out_orders and (self.dataset_name or self.train_data_dir):
+            raise ConfigError("--shapes_held_out_orders applies to the built-in shapes data: with your own data, "
+                              "leave the captions you want held out out of its folder instead.")
         if self.streaming and self.max_train_samples is not None:
             raise ConfigError("--max_train_samples cannot be combined with --streaming (a stream has no first N "
                               "items that every process agrees on): stream fewer shards instead.")
@@ -162,6 +170,13 @@ class TextEncoderTrainingConfig(TrainingConfig):
                                              "region of the image (0: off). It rewards token states that carry "
                                              "their object's colour and place, which the U-Net cross-attends to.",
                                         ge=0)
+    masked_token_weight: float = option(0.0, "Weight of image-conditioned masked-token prediction (ALBEF's MLM): "
+                                             "words of each caption are masked and a small head must name them from "
+                                             "the other token states and the image (0: off). It puts word order "
+                                             "and binding into the token states, which a contrastive loss alone "
+                                             "does not.", ge=0)
+    masked_token_probability: float = option(0.15, "Share of each caption's words masked for --masked_token_weight "
+                                                   "(at least one word per caption).", gt=0, le=1)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -45,8 +46,8 @@ from ldm_pipeline.data.shapes import binding_counterpart, canonical_caption
 from ldm_pipeline.prompt_encoding import tokenize_prompts
 
 ARCHITECTURES = ("clip", "t5")
-PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<unk>", "<s>", "</s>"
-SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN)  # ids 0, 1, 2, 3 in a trained vocabulary
+PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN = "<pad>", "<unk>", "<s>", "</s>", "<mask>"
+SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN)  # ids 0-4 in a trained vocabulary
 
 
 # --------------------------------------------------------------------------------------------------- tokenizer
@@ -61,7 +62,7 @@ def train_tokenizer(
     """Learn a lower-casing WordPiece tokenizer (``tokenizers`` library) from ``captions``.
 
     Captions are normalised (NFD, lower case, accents stripped) and split into words and punctuation. The
-    vocabulary is: the special tokens ``<pad> <unk> <s> </s>`` (ids 0-3), every character seen (as a word start
+    vocabulary is: the special tokens ``<pad> <unk> <s> </s> <mask>`` (ids 0-4), every character seen (as a word start
     ``c`` and as a continuation ``##c``, so an unseen word still encodes, letter by letter), then whole words
     seen at least ``min_frequency`` times, most frequent first (ties alphabetical) until ``vocab_size``.
     Unlike the library's ``WordPieceTrainer``, whose merges break ties in hash-map order, the same captions
@@ -113,6 +114,7 @@ def train_tokenizer(
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
+        mask_token=MASK_TOKEN,
         model_max_length=model_max_length,
         padding_side="right",
     )
@@ -329,17 +331,63 @@ class TokenRegionHead(nn.Module):
         return tokens, F.normalize(regions, dim=-1), clamped_logit_scale(self.log_logit_scale)
 
 
+class MaskedTokenHead(nn.Module):
+    """Training-only head that predicts masked caption words from their token states and the image.
+
+    Image-conditioned masked language modelling (ALBEF, Li et al. 2021, arXiv:2107.07651, sec. 3.2): the state
+    ``h_l`` of a masked position attends over the cells of the image tower's pooled grid, ``r_c = W_reg · f_c +
+    p_c`` (a learned offset ``p_c`` per cell says where the cell is), and a small MLP reads the word:
+
+        a_l = MultiHeadAttention(q = h_l, k = v = r)
+        logits_l = W_2 · GELU(W_1 · LayerNorm(h_l + a_l))          [V] over the tokenizer's vocabulary
+
+    To name the masked word of "a <mask> star and a green box" from the image, the masked state must know that it
+    belongs to "star" (its neighbour), not to "box": word order and binding have to be in the token states, which
+    is what the U-Net's cross-attention reads. A contrastive loss alone can be met by a bag of words.
+    """
+
+    def __init__(self, hidden_size: int, region_channels: int, num_regions: int, vocab_size: int, num_heads: int):
+        super().__init__()
+        self.region_projection = nn.Linear(region_channels, hidden_size)
+        self.region_position = nn.Parameter(torch.randn(num_regions, hidden_size) * 0.02)
+        self.attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(hidden_size)
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, vocab_size))
+
+    def forward(self, token_states: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] token states, [B, C, g, g] image grid -> [B, L, V] logits."""
+        regions = self.region_projection(grid.flatten(2).transpose(1, 2)) + self.region_position  # [B, g·g, H]
+        attended, _ = self.attention(token_states, regions, regions, need_weights=False)  # [B, L, H]
+        return self.mlp(self.norm(token_states + attended))
+
+
+@dataclass
+class ContrastiveOutput:
+    """What `TextImageContrastiveModel.forward` computes: unit text and image embeddings [B, P] and the logit
+    scale; with a `TokenRegionHead`, unit token and region embeddings ([B, L, P], [B, g·g, P]) and their scale;
+    with masked captions and a `MaskedTokenHead`, the logits of every position of the masked captions [B, L, V]."""
+
+    text_embeds: torch.Tensor
+    image_embeds: torch.Tensor
+    logit_scale: torch.Tensor
+    token_embeds: torch.Tensor | None = None
+    region_embeds: torch.Tensor | None = None
+    token_logit_scale: torch.Tensor | None = None
+    masked_token_logits: torch.Tensor | None = None
+
+
 class TextImageContrastiveModel(nn.Module):
     """Text tower + text projection + image tower + learnable logit scale, as one module for ``accelerator.prepare``.
 
-    ``forward`` returns L2-normalised ``(text_embeds, image_embeds)`` and ``logit_scale = exp(s)``, with ``s``
-    initialised to ``log(1 / 0.07)`` and clamped to at most ``log(100)`` as in CLIP. With a ``token_region_head``
-    it also returns ``(token_embeds [B, L, P], region_embeds [B, g·g, P], token_logit_scale)`` of the same
-    forward pass, for `token_region_loss`.
+    ``forward`` returns a `ContrastiveOutput`: L2-normalised text and image embeddings and ``logit_scale =
+    exp(s)``, with ``s`` initialised to ``log(1 / 0.07)`` and clamped to at most ``log(100)`` as in CLIP. With a
+    ``token_region_head`` it also holds the token and region embeddings of the same forward pass, for
+    `token_region_loss`; with ``masked_token_head`` and ``masked_input_ids``, the `MaskedTokenHead` logits of the
+    masked captions, each read against its own image, for `masked_token_loss`.
     """
 
     def __init__(self, text_encoder: CLIPTextModel | T5EncoderModel, image_tower: ImageTower, projection_dim: int,
-                 token_region_head: bool = False):
+                 token_region_head: bool = False, masked_token_head: bool = False):
         super().__init__()
         self.text_encoder = text_encoder
         self.image_tower = image_tower
@@ -349,10 +397,17 @@ class TextImageContrastiveModel(nn.Module):
             raise ValueError(
                 f"image_tower.projection_dim={image_tower.config.projection_dim} differs from projection_dim={projection_dim}."
             )
+        hidden_size, region_channels = text_hidden_size(text_encoder), image_tower.config.block_out_channels[-1]
+        num_regions = image_tower.config.pooled_size ** 2
         self.token_region_head = None
         if token_region_head:
-            self.token_region_head = TokenRegionHead(text_hidden_size(text_encoder), image_tower.config.block_out_channels[-1],
-                                                     image_tower.config.pooled_size ** 2, projection_dim)
+            self.token_region_head = TokenRegionHead(hidden_size, region_channels, num_regions, projection_dim)
+        self.masked_token_head = None
+        if masked_token_head:
+            config = text_encoder.config
+            num_heads = config.num_heads if config.model_type == "t5" else config.num_attention_heads
+            self.masked_token_head = MaskedTokenHead(hidden_size, region_channels, num_regions, config.vocab_size,
+                                                     num_heads)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.embed_pooled_text(pooled_text_features(self.text_encoder, input_ids, attention_mask))
@@ -368,15 +423,24 @@ class TextImageContrastiveModel(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.embed_grid(self.image_tower.grid(pixel_values))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                masked_input_ids: torch.Tensor | None = None) -> ContrastiveOutput:
+        """``input_ids``/``attention_mask`` [B_t, L] may hold more captions than there are images [B, 3, H, W]
+        (hard negatives come last); ``masked_input_ids`` [B, L] are the first B captions with words masked."""
         logit_scale = clamped_logit_scale(self.log_logit_scale)
-        token_states, pooled = text_states(self.text_encoder, input_ids, attention_mask)  # [B, L, H], [B, H]
+        token_states, pooled = text_states(self.text_encoder, input_ids, attention_mask)  # [B_t, L, H], [B_t, H]
         grid = self.image_tower.grid(pixel_values)  # [B, C, g, g]
-        text_embeds, image_embeds = self.embed_pooled_text(pooled), self.embed_grid(grid)  # [B, P], [B, P]
-        if self.token_region_head is None:
-            return text_embeds, image_embeds, logit_scale
+        output = ContrastiveOutput(self.embed_pooled_text(pooled), self.embed_grid(grid), logit_scale)
         num_images = len(pixel_values)
-        return (text_embeds, image_embeds, logit_scale, *self.token_region_head(token_states[:num_images], grid))
+        if self.token_region_head is not None:
+            output.token_embeds, output.region_embeds, output.token_logit_scale = self.token_region_head(
+                token_states[:num_images], grid)
+        if masked_input_ids is not None:
+            if self.masked_token_head is None:
+                raise ValueError("masked_input_ids given to a model built without a masked-token head.")
+            masked_states = text_states(self.text_encoder, masked_input_ids, attention_mask[:num_images])[0]
+            output.masked_token_logits = self.masked_token_head(masked_states, grid)  # [B, L, V]
+        return output
 
 
 TEXT_PROJECTION_FILE = "text_projection.safetensors"
@@ -394,13 +458,14 @@ def save_text_projection(model: TextImageContrastiveModel, output_dir: str | os.
 
 
 def build_contrastive_model(model_config: dict, tokenizer: PreTrainedTokenizerBase,
-                            token_region_head: bool = False) -> TextImageContrastiveModel:
+                            token_region_head: bool = False, masked_token_head: bool = False) -> TextImageContrastiveModel:
     """Text encoder (``build_text_encoder``) + ``ImageTower(**model_config["image_tower"])`` joined in
-    ``model_config["projection_dim"]`` dimensions (and a `TokenRegionHead` when ``token_region_head``)."""
+    ``model_config["projection_dim"]`` dimensions (and a `TokenRegionHead` when ``token_region_head``, a
+    `MaskedTokenHead` when ``masked_token_head``)."""
     projection_dim = model_config.get("projection_dim", 64)
     image_tower = ImageTower(**{**model_config.get("image_tower", {}), "projection_dim": projection_dim})
     return TextImageContrastiveModel(build_text_encoder(model_config, tokenizer), image_tower, projection_dim,
-                                     token_region_head)
+                                     token_region_head, masked_token_head)
 
 
 def same_caption_matrix(captions: Sequence[str]) -> torch.Tensor:
@@ -490,6 +555,33 @@ def token_region_loss(
     targets = caption_targets(len(text_to_image), same_caption, text_to_image)
     return (soft_cross_entropy(logit_scale * text_to_image, targets)
             + soft_cross_entropy(logit_scale * image_to_text.t(), targets.t())) / 2
+
+
+def mask_words(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Sequence[int], mask_token_id: int,
+               probability: float, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(masked_ids, targets)`` [B, L] for masked-token prediction (BERT, Devlin et al. 2019, arXiv:1810.04805,
+    sec. 3.1, with every chosen token replaced by ``<mask>``).
+
+    A word token (attended, not a special token) at position l of caption i is masked when ``uniform[i, l] <
+    probability``; a caption none of whose words is drawn gets its word with the smallest draw masked, so every
+    caption with a word has at least one. ``targets`` holds the original id where masked and -100 elsewhere.
+    ``uniform`` [B, L] are U(0, 1) draws from the caller (the same for the same step and sample: exact resume).
+    """
+    words = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))
+    uniform = uniform.to(input_ids.device).masked_fill(~words, 2.0)  # [B, L]; 2.0 is never drawn
+    chosen = uniform < probability
+    first = F.one_hot(uniform.argmin(dim=1), uniform.shape[1]).bool() & words  # [B, L]
+    chosen |= first & ~chosen.any(dim=1, keepdim=True)
+    return input_ids.masked_fill(chosen, mask_token_id), input_ids.masked_fill(~chosen, -100)
+
+
+def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, num_masked: torch.Tensor | int | None = None) -> torch.Tensor:
+    """``Σ_{masked (i, l)} -log softmax(logits_il)[target_il] / num_masked`` ([B, L, V] logits, [B, L] targets with
+    -100 where nothing is masked). ``num_masked`` defaults to this batch's count; in a run of several processes
+    it is the global batch's count, so that the processes' losses add up to the global batch's mean."""
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    count = (targets != -100).sum() if num_masked is None else num_masked
+    return total / torch.as_tensor(count, device=total.device).clamp(min=1)
 
 
 def hard_negative_captions(captions: Sequence[str]) -> list[tuple[int, str]]:

@@ -770,13 +770,14 @@ class StageTrainer:
         index, count = self.accelerator.process_index, self.accelerator.num_processes
         return local_batch * count, slice(index * local_batch, (index + 1) * local_batch)
 
-    def global_randn(self, local_shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
-        """ε ~ N(0, I) for this process's rows: ``randn([n·B, *local_shape[1:]], generator)[rows]`` (``global_rows``).
+    def global_randn(self, local_shape: Sequence[int], generator: torch.Generator, draw=torch.randn) -> torch.Tensor:
+        """ε ~ N(0, I) for this process's rows: ``randn([n·B, *local_shape[1:]], generator)[rows]`` (``global_rows``);
+        ``draw=torch.rand`` gives U(0, 1) draws the same way.
 
         A sample's draw does not depend on how the global batch is split over processes, and an exact resume
         redraws it (``generator`` is the step's, ``self.generator()``)."""
         global_batch, rows = self.global_rows(local_shape[0])
-        return torch.randn((global_batch, *local_shape[1:]), generator=generator)[rows]
+        return draw((global_batch, *local_shape[1:]), generator=generator)[rows]
 
     def backward(self, loss: torch.Tensor, model: torch.nn.Module) -> None:
         """Stop on a non-finite loss; backpropagate; clip the gradient norm to ``max_grad_norm`` on an update."""

@@ -194,3 +194,63 @@ def test_parse_caption_rejects_text_outside_the_grammar():
         sample_scene(scene_rng(0, 0), "unknown")
     with pytest.raises(ValueError):
         ShapesDataset(4, 32, split="dev")
+
+
+# ------------------------------------------------------------------------------------------ held-out word orders
+
+
+def order_captions(category: str) -> list[str]:
+    """Every caption of ``category`` ("position": one relation per axis; "color_attribution")."""
+    from ldm_pipeline.data.shapes import grammar_caption
+
+    kinds = [(k0, k1) for k0 in OBJECT_KINDS for k1 in OBJECT_KINDS if k0 != k1]
+    if category == "position":
+        return [grammar_caption(category, [k0, k1], [None, None], relation)
+                for k0, k1 in kinds for relation in ("left of", "above")]
+    return [grammar_caption(category, [k0, k1], [c0, c1]) for k0, k1 in kinds if k0 < k1
+            for c0 in COLORS for c1 in COLORS if c0 != c1]
+
+
+@pytest.mark.parametrize("category", ["position", "color_attribution"])
+def test_held_out_orders_keep_the_reverse_of_every_held_out_caption(category):
+    from ldm_pipeline.data.shapes import binding_counterpart, canonical_caption, grammar_caption, is_held_out_order
+
+    captions = order_captions(category)
+    for fraction in (0.25, 0.5):
+        held_out = {caption for caption in captions if is_held_out_order(caption, fraction, seed=0)}
+        assert all(not is_held_out_order(binding_counterpart(caption), fraction, seed=0) for caption in held_out)
+        share = len(held_out) / len(captions)
+        if fraction == 0.5:  # one member of every pair, exactly
+            assert share == 0.5
+        else:  # a hash picks the pairs: about a quarter of the meanings
+            assert abs(share - fraction) < (0.08 if category == "position" else 0.03), share
+    # the same meaning written the other way round is the same member; another seed holds out other orders
+    for caption in captions:
+        parsed = parse_caption(caption)
+        if category == "position":
+            inverse = {"left of": "right of", "above": "below"}[parsed["relation"]]
+            rewritten = grammar_caption(category, parsed["kinds"][::-1], [None, None], inverse)
+        else:  # the other object first
+            rewritten = grammar_caption(category, parsed["kinds"][::-1], parsed["colors"][::-1])
+        assert canonical_caption(rewritten) == canonical_caption(caption) and rewritten != caption
+        assert is_held_out_order(rewritten, 0.25, 0) == is_held_out_order(caption, 0.25, 0)
+    assert [is_held_out_order(c, 0.25, 0) for c in captions] != [is_held_out_order(c, 0.25, 1) for c in captions]
+    for caption in ("a cat", "a red cat", "two cats", "a cat and a house", "a red cat and a red house",
+                    "a cat left of a cat", "a photo of my dog"):
+        assert not is_held_out_order(caption, 0.5, 0)
+    with pytest.raises(ValueError, match="at most|0.5"):
+        is_held_out_order("a cat left of a tree", 0.6)
+
+
+def test_training_data_with_held_out_orders_never_shows_them_and_keeps_its_categories():
+    from ldm_pipeline.data.shapes import is_held_out_order
+
+    plain = ShapesDataset(600, 32, seed=0, categories=("position", "color_attribution", "colors"))
+    held = ShapesDataset(600, 32, seed=0, categories=("position", "color_attribution", "colors"), held_out_orders=0.25)
+    scenes = [held.scene(i) for i in range(600)]
+    assert not any(is_held_out_order(scene.caption, 0.25, 0) for scene in scenes)
+    assert sum(is_held_out_order(plain.scene(i).caption, 0.25, 0) for i in range(600)) > 60
+    categories = [scene.category for scene in scenes]
+    assert [plain.scene(i).category for i in range(600)] == categories, "a redraw keeps its item's category"
+    unchanged = [i for i in range(600) if not is_held_out_order(plain.scene(i).caption, 0.25, 0)]
+    assert all(plain.scene(i).caption == scenes[i].caption for i in unchanged)

@@ -191,6 +191,23 @@ def test_prompt_set_is_balanced_seeded_and_in_grammar():
         make_prompt_set(0)
 
 
+def test_prompt_set_of_held_out_or_trained_word_orders():
+    from ldm_pipeline.data.shapes import is_held_out_order
+
+    held_out = make_prompt_set(10, seed=2, word_orders="held_out", held_out_orders=0.25, data_seed=0)
+    trained = make_prompt_set(10, seed=2, word_orders="trained", held_out_orders=0.25, data_seed=0)
+    assert [p.category for p in held_out] == ["position"] * 10 + ["color_attribution"] * 10
+    assert all(is_held_out_order(p.prompt, 0.25, 0) for p in held_out)
+    assert not any(is_held_out_order(p.prompt, 0.25, 0) for p in trained)
+    everything = make_prompt_set(10, seed=2, categories=("position", "color_attribution"))
+    for plain, kept in zip(everything, trained):  # a prompt of a trained order is not drawn again
+        assert is_held_out_order(plain.prompt, 0.25, 0) or kept.prompt == plain.prompt
+    with pytest.raises(ValueError, match="shapes_held_out_orders"):
+        make_prompt_set(3, word_orders="held_out")
+    with pytest.raises(ValueError, match="no word order"):
+        make_prompt_set(3, categories=("colors",), word_orders="trained", held_out_orders=0.25)
+
+
 # ------------------------------------------------------------------------------------------------ sanity scores
 
 
@@ -290,6 +307,12 @@ def test_ldm_eval_real_mode(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["scores"]["overall"] >= 0.95
     assert report["model"] == "real renders (--real)"
+    orders = tmp_path / "orders"
+    eval_main(["--real", "--num_images", "3", "--word_orders", "held_out", "--shapes_held_out_orders", "0.25",
+               "--out", str(orders)])
+    report = json.loads((orders / "report.json").read_text())
+    assert list(report["num_images_per_category"]) == ["position", "color_attribution"]
+    assert report["settings"]["word_orders"] == "held_out" and report["scores"]["overall"] >= 0.95
 
 
 def test_ldm_eval_vae_mode_scores_the_reconstructions_of_the_renders(tmp_path):

@@ -61,8 +61,9 @@ def contrastive_model():
     generator = torch.Generator().manual_seed(0)
     for _ in range(150):
         batch = torch.randint(0, len(captions), (64,), generator=generator)
-        text, image, scale = model(tokens["input_ids"][batch], tokens["attention_mask"][batch], pixels[batch])
-        loss = contrastive_loss(text, image, scale, same_caption_matrix([captions[i] for i in batch]))
+        output = model(tokens["input_ids"][batch], tokens["attention_mask"][batch], pixels[batch])
+        loss = contrastive_loss(output.text_embeds, output.image_embeds, output.logit_scale,
+                                same_caption_matrix([captions[i] for i in batch]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -23,6 +23,8 @@ from ldm_pipeline.text_encoder import (
     build_text_encoder,
     contrastive_loss,
     load_pretrained_text_encoder,
+    mask_words,
+    masked_token_loss,
     pooled_text_features,
     retrieval_accuracy,
     same_caption_matrix,
@@ -173,16 +175,16 @@ def test_contrastive_training_loss_falls(tokenizer, architecture):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
-        text_embeds, image_embeds, scale = model(tokens.input_ids, tokens.attention_mask, images)
-        loss = contrastive_loss(text_embeds, image_embeds, scale)
+        output = model(tokens.input_ids, tokens.attention_mask, images)
+        loss = contrastive_loss(output.text_embeds, output.image_embeds, output.logit_scale)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert losses[0] > 1.0 and losses[-1] < 0.5 * losses[0], losses
     with torch.no_grad():
-        text_embeds, image_embeds, _ = model(tokens.input_ids, tokens.attention_mask, images)
-    assert retrieval_accuracy(text_embeds, image_embeds, captions)["top1"] == 1.0
+        output = model(tokens.input_ids, tokens.attention_mask, images)
+    assert retrieval_accuracy(output.text_embeds, output.image_embeds, captions)["top1"] == 1.0
 
 
 # ------------------------------------------------------------------------------ loss and retrieval metric
@@ -268,16 +270,73 @@ def test_token_region_head_returns_token_states_of_the_same_forward_pass(tokeniz
     tokens = tokenizer(CAPTIONS[:3], padding="max_length", return_tensors="pt")
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        text_embeds, image_embeds, _, token_embeds, region_embeds, _ = model(tokens.input_ids, tokens.attention_mask, images)
+        output = model(tokens.input_ids, tokens.attention_mask, images)
         states, _ = text_states(model.text_encoder, tokens.input_ids, tokens.attention_mask)
         head = model.token_region_head
         grid = model.image_tower.grid(images)
-    torch.testing.assert_close(text_embeds, model.encode_text(tokens.input_ids, tokens.attention_mask))
-    torch.testing.assert_close(image_embeds, model.encode_image(images))
-    torch.testing.assert_close(token_embeds, F.normalize(head.token_projection(states), dim=-1))
+    torch.testing.assert_close(output.text_embeds, model.encode_text(tokens.input_ids, tokens.attention_mask))
+    torch.testing.assert_close(output.image_embeds, model.encode_image(images))
+    torch.testing.assert_close(output.token_embeds, F.normalize(head.token_projection(states), dim=-1))
     pooled_size = model.image_tower.config.pooled_size
     cells = grid.permute(0, 2, 3, 1).reshape(3, pooled_size ** 2, -1)  # row-major cells
-    torch.testing.assert_close(region_embeds, F.normalize(head.region_projection(cells) + head.region_position, dim=-1))
+    torch.testing.assert_close(output.region_embeds, F.normalize(head.region_projection(cells) + head.region_position, dim=-1))
+
+
+def test_mask_words_masks_only_words_at_the_drawn_positions_and_at_least_one_per_caption(tokenizer):
+    tokens = tokenizer(["a red cat left of a blue house", "a cat", ""], padding="max_length", return_tensors="pt")
+    ids, mask = tokens.input_ids, tokens.attention_mask
+    words = mask.bool() & ~torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
+    uniform = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0))
+    masked, targets = mask_words(ids, mask, tokenizer.all_special_ids, tokenizer.mask_token_id, 0.3, uniform)
+    chosen = masked == tokenizer.mask_token_id
+    expected = words & (uniform < 0.3)
+    for row in range(2):  # a caption none of whose draws is below 0.3 gets its word with the smallest draw
+        if not expected[row].any():
+            expected[row, uniform[row].masked_fill(~words[row], 2).argmin()] = True
+    assert torch.equal(chosen, expected) and chosen[:2].any(dim=1).all() and not chosen[2].any()
+    assert torch.equal(targets, ids.masked_fill(~chosen, -100)) and torch.equal(masked[~chosen], ids[~chosen])
+    all_words = mask_words(ids, mask, tokenizer.all_special_ids, tokenizer.mask_token_id, 1.0, uniform)[0]
+    assert torch.equal(all_words == tokenizer.mask_token_id, words)
+
+
+def test_masked_token_loss_is_the_mean_cross_entropy_over_masked_words():
+    logits = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([[-100, 3, -100, 5], [6, -100, -100, -100]])
+    by_hand = -(logits[0, 1].log_softmax(-1)[3] + logits[0, 3].log_softmax(-1)[5] + logits[1, 0].log_softmax(-1)[6]) / 3
+    torch.testing.assert_close(masked_token_loss(logits, targets), by_hand)
+    # a process of a run of several divides its sum by the global batch's count
+    torch.testing.assert_close(masked_token_loss(logits, targets, num_masked=torch.tensor(6)), by_hand / 2)
+
+
+@pytest.mark.parametrize("architecture", ["clip", "t5"])
+def test_masked_token_head_reads_masked_states_against_their_own_image(tokenizer, architecture):
+    torch.manual_seed(0)
+    model = build_contrastive_model(tiny_model_config(architecture), tokenizer, masked_token_head=True).eval()
+    tokens = tokenizer(CAPTIONS[:3], padding="max_length", return_tensors="pt")
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    masked = tokens.input_ids.clone()
+    masked[:, 2] = tokenizer.mask_token_id
+    with torch.no_grad():
+        output = model(tokens.input_ids, tokens.attention_mask, images, masked_input_ids=masked)
+        states, _ = text_states(model.text_encoder, masked, tokens.attention_mask)  # [3, L, H]
+        head, grid = model.masked_token_head, model.image_tower.grid(images)  # [3, C, g, g]
+        regions = head.region_projection(grid.flatten(2).transpose(1, 2)) + head.region_position  # [3, g·g, H]
+        queries = states @ head.attention.in_proj_weight[:states.shape[-1]].t()  # one head at a time below
+    num_heads, width = head.attention.num_heads, states.shape[-1] // head.attention.num_heads
+    keys, values = (regions @ w.t() + b for w, b in zip(head.attention.in_proj_weight.chunk(3)[1:],
+                                                        head.attention.in_proj_bias.chunk(3)[1:]))
+    queries = queries + head.attention.in_proj_bias[:states.shape[-1]]
+    split = lambda x: x.unflatten(-1, (num_heads, width)).transpose(1, 2)  # noqa: E731  [B, heads, n, width]
+    weights = (split(queries) @ split(keys).transpose(-1, -2) / math.sqrt(width)).softmax(-1)
+    attended = head.attention.out_proj((weights @ split(values)).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(output.masked_token_logits, head.mlp(head.norm(states + attended)), atol=1e-5, rtol=1e-4)
+    assert output.masked_token_logits.shape == (3, tokens.input_ids.shape[1], len(tokenizer))
+    changed = images.clone()
+    changed[0] = -changed[0]
+    with torch.no_grad():  # each caption is read against its own image: another image 0 changes only row 0
+        other = model(tokens.input_ids, tokens.attention_mask, changed, masked_input_ids=masked).masked_token_logits
+    torch.testing.assert_close(other[1:], output.masked_token_logits[1:])
+    assert not torch.allclose(other[0], output.masked_token_logits[0])
 
 
 def test_retrieval_accuracy_perfect_alignment_and_duplicate_caption_rule():
@@ -366,13 +425,16 @@ def test_train_script_t5_end_to_end(tmp_path, capsys):
     assert metrics["architecture"] == "t5" and metrics["train_steps"] == 4
 
 
-def test_train_script_with_the_token_region_loss_logs_it_and_resumes_exactly(tmp_path):
-    flags = ["--config", str(TINY["t5"]), "--token_region_weight", "0.5", "--max_train_steps", "4",
-             "--checkpointing_steps", "2"]
+def test_train_script_with_the_token_region_and_masked_token_losses_logs_them_and_resumes_exactly(tmp_path):
+    flags = ["--config", str(TINY["t5"]), "--token_region_weight", "0.5", "--masked_token_weight", "1",
+             "--max_train_steps", "4", "--checkpointing_steps", "2"]
     run_stage("text_encoder", flags + ["--output_dir", str(tmp_path / "full")])
     history = [json.loads(line) for line in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
     token_losses = [record["token_region_loss"] for record in history if "loss" in record]
     assert len(token_losses) == 4 and all(0 < value < math.log(64) + 1 for value in token_losses), history
+    vocabulary = len(AutoTokenizer.from_pretrained(tmp_path / "full" / "tokenizer"))
+    word_losses = [record["masked_token_loss"] for record in history if "loss" in record]
+    assert len(word_losses) == 4 and abs(word_losses[0] - math.log(vocabulary)) < 1.0, (word_losses, vocabulary)
     run_stage("text_encoder", flags + ["--output_dir", str(tmp_path / "resumed"), "--max_train_steps", "2"])
     run_stage("text_encoder", flags + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
     full = load_file(tmp_path / "full" / "text_encoder" / "model.safetensors")
@@ -455,7 +517,8 @@ def test_train_script_on_an_imagefolder(tmp_path):
 
 def test_two_process_cpu_launch(tmp_path):
     """``accelerate launch --config_file configs/accelerate/cpu_2_processes.yaml``: 2 CPU processes (gloo) of batch
-    8 compute the contrastive loss over the global batch, so they train as 1 process of batch 16 does."""
+    8 compute the contrastive loss over the global batch and the masked-token loss as shares of the global batch's
+    mean, so they train as 1 process of batch 16 does."""
     two, one = tmp_path / "two", tmp_path / "one"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(REPO)}
@@ -463,7 +526,7 @@ def test_two_process_cpu_launch(tmp_path):
                str(REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"),
                str(REPO / "training" / "train_text_encoder.py"), "--config", str(TINY["clip"]),
                "--output_dir", str(two), "--max_train_steps", "3", "--checkpointing_steps", "3",
-               "--train_batch_size", "8"]
+               "--train_batch_size", "8", "--masked_token_weight", "1"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "batch 8 x 2 processes" in result.stdout
@@ -471,7 +534,7 @@ def test_two_process_cpu_launch(tmp_path):
     assert (two / "checkpoints" / "checkpoint-3" / "random_states_1.pkl").is_file()
     check_saved_stage(two, CLIPTextModel)
     run_stage("text_encoder", ["--config", str(TINY["clip"]), "--output_dir", str(one), "--max_train_steps", "3",
-                               "--checkpointing_steps", "3", "--train_batch_size", "16"])
+                               "--checkpointing_steps", "3", "--train_batch_size", "16", "--masked_token_weight", "1"])
     history = {path: [json.loads(line)["loss"] for line in (path / "train_log.jsonl").read_text().splitlines()
                       if '"loss"' in line] for path in (one, two)}
     np.testing.assert_allclose(history[two], history[one], rtol=1e-4)

@@ -34,6 +34,8 @@ from ldm_pipeline.text_encoder import (
     gather_captions,
     gather_rows,
     load_pretrained_text_encoder,
+    mask_words,
+    masked_token_loss,
     own_hard_negatives,
     same_caption_matrix,
     save_text_projection,
@@ -85,8 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     # 3. Model: text tower + image tower joined in a shared embedding space.
-    token_regions = args.token_region_weight > 0
-    model = build_contrastive_model(config.model, tokenizer, token_region_head=token_regions)
+    token_regions, masked_tokens = args.token_region_weight > 0, args.masked_token_weight > 0
+    if masked_tokens and tokenizer.mask_token_id is None:
+        raise ValueError(f"--masked_token_weight needs a tokenizer with a mask token; {tokenizer_dir} has none: "
+                         "train a new one (start without --resume_from_checkpoint) or set --masked_token_weight 0.")
+    model = build_contrastive_model(config.model, tokenizer, token_region_head=token_regions,
+                                    masked_token_head=masked_tokens)
     if args.gradient_checkpointing:
         model.text_encoder.gradient_checkpointing_enable()
     trainer.print(f"{config.model['architecture']} text encoder: "
@@ -117,32 +123,47 @@ def main(argv: list[str] | None = None) -> dict:
                                         if args.hard_negatives else ([], 0))
             tokens = tokenize_prompts(tokenizer, batch["captions"] + negatives)
             input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-            text_embeds, image_embeds, logit_scale, *token_outputs = model(input_ids, attention_mask,
-                                                                           batch["pixel_values"])
-            negative_embeds = None
+            num_own = len(batch["captions"])
+            masked_ids = targets = None
+            if masked_tokens:
+                uniform = trainer.global_randn(input_ids[:num_own].shape, trainer.generator(), draw=torch.rand)
+                masked_ids, targets = mask_words(input_ids[:num_own], attention_mask[:num_own],
+                                                 tokenizer.all_special_ids, tokenizer.mask_token_id,
+                                                 args.masked_token_probability, uniform)  # [B, L] each
+            output = model(input_ids, attention_mask, batch["pixel_values"], masked_input_ids=masked_ids)
+            text_embeds, negative_embeds = output.text_embeds[:num_own], None
             if args.hard_negatives:
-                text_embeds, negative_embeds = text_embeds[:len(image_embeds)], text_embeds[len(image_embeds):]
-                negative_embeds = gather_rows(trainer.accelerator, negative_embeds)
+                negative_embeds = gather_rows(trainer.accelerator, output.text_embeds[num_own:])
             text_embeds = gather_rows(trainer.accelerator, text_embeds)  # [B, D] -> [n·B, D]
-            image_embeds = gather_rows(trainer.accelerator, image_embeds)
+            image_embeds = gather_rows(trainer.accelerator, output.image_embeds)
             same_caption = same_caption_matrix(captions)
-            loss = contrastive_loss(text_embeds, image_embeds, logit_scale, same_caption, negative_embeds)
+            loss = contrastive_loss(text_embeds, image_embeds, output.logit_scale, same_caption, negative_embeds)
             if token_regions:
-                token_embeds, region_embeds, token_logit_scale = token_outputs  # [B, L, P], [B, g·g, P]
-                token_mask = attention_mask[:len(batch["captions"])].float()
-                token_loss = token_region_loss(gather_rows(trainer.accelerator, token_embeds),
+                token_mask = attention_mask[:num_own].float()
+                token_loss = token_region_loss(gather_rows(trainer.accelerator, output.token_embeds),
                                                gather_rows(trainer.accelerator, token_mask),
-                                               gather_rows(trainer.accelerator, region_embeds),
-                                               token_logit_scale, same_caption)
+                                               gather_rows(trainer.accelerator, output.region_embeds),
+                                               output.token_logit_scale, same_caption)
                 loss = loss + args.token_region_weight * token_loss
-            trainer.backward(loss * trainer.accelerator.num_processes, model)
+            backward_loss = loss  # the global batch's loss, through this process's rows (`gather_rows`)
+            if masked_tokens:
+                # This process's share of the global batch's mean over masked words: the n shares add up to it.
+                num_masked = trainer.accelerator.reduce((targets != -100).sum(), "sum")
+                word_share = masked_token_loss(output.masked_token_logits, targets, num_masked)
+                word_loss = word_share * trainer.accelerator.num_processes  # its mean over processes: the global mean
+                loss = loss + args.masked_token_weight * word_loss
+                backward_loss = backward_loss + args.masked_token_weight * word_share
+            trainer.backward(backward_loss * trainer.accelerator.num_processes, model)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         logged = {"hard_negatives": num_negatives} if args.hard_negatives else {}
         if token_regions:
             logged["token_region_loss"] = token_loss
-        if (trainer.end_micro_step(loss=loss, lr=lr_scheduler.get_last_lr()[0], logit_scale=logit_scale, **logged)
+        if masked_tokens:
+            logged["masked_token_loss"] = word_loss
+        if (trainer.end_micro_step(loss=loss, lr=lr_scheduler.get_last_lr()[0], logit_scale=output.logit_scale,
+                                    **logged)
                 and trainer.validation_due()):
             metrics = trainer.on_main_process(validate)
             if metrics:

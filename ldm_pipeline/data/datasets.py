@@ -174,8 +174,9 @@ class ShapesTrainingDataset(torch.utils.data.Dataset):
     """The built-in shapes data as training items; each image is rendered on access (no cache needed)."""
 
     def __init__(self, num_samples: int, resolution: int, seed: int, split: str, random_flip: bool = False,
-                 categories: Sequence[str] | None = None):
-        self.shapes = shapes.ShapesDataset(num_samples, resolution, seed=seed, split=split, categories=categories)
+                 categories: Sequence[str] | None = None, held_out_orders: float = 0.0):
+        self.shapes = shapes.ShapesDataset(num_samples, resolution, seed=seed, split=split, categories=categories,
+                                           held_out_orders=held_out_orders)
         self.random_flip = random_flip
 
     def __len__(self) -> int:
@@ -875,8 +876,9 @@ def build_dataset(data: DataConfig, split: str = "train") -> torch.utils.data.Da
                              "shapes data) or --train_data_dir / --dataset_name for your own data.")
         if split == "train" and max_train is not None:
             count = min(count, max_train)
-        categories = data.shapes_categories if split == "train" else None
-        return ShapesTrainingDataset(count, data.resolution, data.data_seed, split, data.random_flip, categories)
+        categories, held_out_orders = (data.shapes_categories, data.shapes_held_out_orders) if split == "train" else (None, 0.0)
+        return ShapesTrainingDataset(count, data.resolution, data.data_seed, split, data.random_flip, categories,
+                                     held_out_orders)
 
     if data.streaming:
         return _streaming_dataset(data, split)
@@ -919,6 +921,8 @@ def dataset_fingerprint(data: DataConfig, split: str = "train") -> str:
                        num_samples=data.num_train_samples if split == "train" else data.num_validation_samples)
         if split == "train" and data.shapes_categories is not None:
             payload["categories"] = list(data.shapes_categories)
+        if split == "train" and data.shapes_held_out_orders:
+            payload["held_out_orders"] = data.shapes_held_out_orders
         return config_hash(payload)
     payload.update(preprocessing=PREPROCESSING_VERSION, image_column=data.image_column,
                    caption_column=data.caption_column, num_validation_samples=data.num_validation_samples,

@@ -29,6 +29,7 @@ same bytes whatever the number of workers.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -284,6 +285,41 @@ def binding_counterpart(caption: str) -> str | None:
     return None if canonical_caption(counterpart) == canonical_caption(caption) else counterpart
 
 
+def _unit_hash(*key) -> float:
+    """A number in [0, 1) that depends only on ``key`` (the same in every process and run)."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2 ** 64
+
+
+MAX_HELD_OUT_ORDERS = 0.5
+
+
+def is_held_out_order(caption: str, fraction: float, seed: int = 0) -> bool:
+    """Whether ``caption``'s word order is one of the ``fraction`` of orders held out of training.
+
+    Orders come in pairs, a caption and its `binding_counterpart` ("a cat left of a tree" / "a tree left of a
+    cat"; "a red star and a green box" / "a green star and a red box"), each member one meaning
+    (`canonical_caption`: "a tree right of a cat" is the same member as "a cat left of a tree"). A share ``2 ·
+    fraction`` of the pairs, chosen by a hash of the pair and ``seed``, has one member held out, also chosen by
+    hash; its counterpart stays in training. So a held-out order is one whose words, and whose reverse, the model
+    has seen: drawing it right needs word order, not a bag of words. Captions of the other categories, outside
+    the grammar, or without a counterpart are never held out. ``fraction`` is at most 0.5 (one of every pair).
+    """
+    if not 0 <= fraction <= MAX_HELD_OUT_ORDERS:
+        raise ValueError(f"held-out order fraction {fraction}: it must be in [0, {MAX_HELD_OUT_ORDERS}] (one "
+                         "member of each pair at most).")
+    if fraction == 0:
+        return False
+    counterpart = binding_counterpart(caption)
+    if counterpart is None:
+        return False
+    members = sorted([canonical_caption(caption), canonical_caption(counterpart)])
+    if _unit_hash("pair", seed, members) >= 2 * fraction:
+        return False
+    held_out = members[int(_unit_hash("member", seed, members) < 0.5)]
+    return canonical_caption(caption) == held_out
+
+
 def scene_from_caption(caption: str, rng: np.random.Generator) -> Scene:
     """A scene that ``caption`` (of the grammar) describes, laid out as `sample_scene` lays out its scenes; colours
     the caption does not name are drawn from ``rng``. Raises ValueError for a caption outside the grammar."""
@@ -484,11 +520,12 @@ class ShapesDataset:
 
     Items: ``{"image": PIL RGB, "caption": str, "scene": Scene, "objects": list[RenderedObject]}``. ``split``
     ("train", "validation", "test") selects a disjoint random stream for the same seed; ``categories`` restricts
-    the categories (uniform over them).
+    the categories (uniform over them). ``held_out_orders`` leaves that fraction of the relation and attribute
+    orders out (`is_held_out_order` with ``seed``): a scene drawn with one is drawn again, in its category.
     """
 
     def __init__(self, num_samples: int, resolution: int, seed: int = 0, split: str = "train",
-                 categories: tuple[str, ...] | None = None):
+                 categories: tuple[str, ...] | None = None, held_out_orders: float = 0.0):
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0 (got {num_samples}).")
         categories = tuple(categories) if categories else CATEGORIES
@@ -496,8 +533,9 @@ class ShapesDataset:
         if unknown:
             raise ValueError(f"Unknown categories {unknown}; expected some of {CATEGORIES}.")
         scene_rng(seed, 0, split)
+        is_held_out_order("a cat", held_out_orders)  # checks the fraction
         self.num_samples, self.resolution, self.seed, self.split = num_samples, resolution, seed, split
-        self.categories = categories
+        self.categories, self.held_out_orders = categories, held_out_orders
 
     def __len__(self) -> int:
         return self.num_samples
@@ -505,7 +543,10 @@ class ShapesDataset:
     def scene(self, index: int) -> Scene:
         rng = scene_rng(self.seed, index, self.split)
         category = self.categories[int(rng.integers(len(self.categories)))]
-        return sample_scene(rng, category)
+        scene = sample_scene(rng, category)
+        while is_held_out_order(scene.caption, self.held_out_orders, self.seed):
+            scene = sample_scene(rng, category)
+        return scene
 
     def __getitem__(self, index: int) -> dict:
         if not -self.num_samples <= index < self.num_samples:

@@ -24,11 +24,20 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from ldm_pipeline.data.shapes import CATEGORIES, COLORS, Scene, parse_caption, render_scene, sample_scene
+from ldm_pipeline.data.shapes import (
+    CATEGORIES,
+    COLORS,
+    Scene,
+    is_held_out_order,
+    parse_caption,
+    render_scene,
+    sample_scene,
+)
 from ldm_pipeline.evaluation.classifier import ObjectClassifier, crop_mask, load_object_classifier
 from ldm_pipeline.evaluation.detector import DetectedObject, ObjectDetector, as_uint8_array, box_iou
 
@@ -63,15 +72,46 @@ class Judgement:
                 "objects": seen}
 
 
-def make_prompt_set(num_per_category: int, seed: int = 0) -> list[EvalPrompt]:
-    """``num_per_category`` prompts of each category (in `CATEGORIES` order), prompt ``i`` of category ``c`` drawn
-    by ``sample_scene(numpy.random.default_rng([seed, 1000 + c, i]), c)``: a stream no dataset split uses."""
+ORDER_CATEGORIES = ("position", "color_attribution")
+WORD_ORDERS = ("all", "held_out", "trained")
+
+
+def make_prompt_set(num_per_category: int, seed: int = 0, categories: Sequence[str] | None = None,
+                    word_orders: str = "all", held_out_orders: float = 0.0, data_seed: int = 0) -> list[EvalPrompt]:
+    """``num_per_category`` prompts of each of ``categories`` (default all, in `CATEGORIES` order), prompt ``i`` of
+    category ``c`` drawn by ``sample_scene(numpy.random.default_rng([seed, 1000 + c, i]), c)``: a stream no dataset
+    split uses.
+
+    ``word_orders`` "held_out" keeps only captions whose order training left out (`is_held_out_order` with
+    ``held_out_orders`` and ``data_seed``, the training data's settings), "trained" only the others: a prompt
+    that does not qualify is drawn again from its stream. Only `ORDER_CATEGORIES` have orders, so these two
+    default to them.
+    """
     if num_per_category <= 0:
         raise ValueError(f"num_per_category must be positive, got {num_per_category}")
+    if word_orders not in WORD_ORDERS:
+        raise ValueError(f"word_orders must be one of {WORD_ORDERS}, got {word_orders!r}.")
+    if word_orders != "all":
+        if not held_out_orders:
+            raise ValueError(f"--word_orders {word_orders} needs --shapes_held_out_orders: the fraction of orders "
+                             "the training data left out (and its --data_seed).")
+        categories = ORDER_CATEGORIES if categories is None else categories
+        other = [category for category in categories if category not in ORDER_CATEGORIES]
+        if other:
+            raise ValueError(f"--word_orders {word_orders}: {', '.join(other)} captions have no word order to hold "
+                             f"out; choose --categories among {', '.join(ORDER_CATEGORIES)}.")
+    categories = CATEGORIES if categories is None else categories
+    unknown = [category for category in categories if category not in CATEGORIES]
+    if unknown:
+        raise ValueError(f"Unknown categories {unknown}; choose among {', '.join(CATEGORIES)}.")
     prompts = []
-    for category_index, category in enumerate(CATEGORIES):
+    for category in [category for category in CATEGORIES if category in categories]:
         for i in range(num_per_category):
-            scene = sample_scene(np.random.default_rng([seed, PROMPT_STREAM + category_index, i]), category)
+            rng = np.random.default_rng([seed, PROMPT_STREAM + CATEGORIES.index(category), i])
+            scene = sample_scene(rng, category)
+            while word_orders != "all" and is_held_out_order(scene.caption, held_out_orders, data_seed) != (
+                    word_orders == "held_out"):
+                scene = sample_scene(rng, category)
             prompts.append(EvalPrompt(category, scene.caption, scene, i))
     return prompts
 
