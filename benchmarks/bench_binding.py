@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "num_probe": args.num_probe},
               "encoders": rows}
     if args.json is not None:
-        from ldm_pipeline.trainer import write_text_atomic
+        from ldm_pipeline.durable import write_text_atomic
 
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return report

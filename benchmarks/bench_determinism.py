@@ -37,7 +37,8 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.bench_unet_training import build_random_stages  # noqa: E402
-from ldm_pipeline.trainer import TRAIN_LOG, read_jsonl  # noqa: E402
+from ldm_pipeline.durable import read_jsonl  # noqa: E402
+from ldm_pipeline.trainer import TRAIN_LOG  # noqa: E402
 
 SETTINGS = [
     ("reference: --num_threads 2", {}, ["--num_threads", "2"]),

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from ldm_pipeline.trainer import TRAIN_LOG, read_jsonl, run_in_process  # noqa: E402
+from ldm_pipeline.durable import read_jsonl  # noqa: E402
+from ldm_pipeline.trainer import TRAIN_LOG, run_in_process  # noqa: E402
 from training import train_unet  # noqa: E402
 
 REQUIRED_SPEEDUP = 1.5

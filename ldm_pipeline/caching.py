@@ -13,7 +13,7 @@ computed once per (VAE, text encoder + tokenizer, data, resolution, storage) and
         text_embeds               [S, L, D]     ``encode_prompts`` of each distinct caption, once (deduplicated)
         empty_embeds              [L, D]        the empty prompt "" (caption dropout / guidance; shard 0 only)
 
-Every shard is written atomically (``trainer.atomic_file``: temporary name, fsync, rename) with the SHA-256 of its
+Every shard is written atomically (``durable.atomic_file``: temporary name, fsync, rename) with the SHA-256 of its
 tensors (``hash_tensors``) and the cache key in its metadata; a shard is checked against them the first time a
 run reads it. Process ``p`` of ``n`` computes shards ``p, p + n, ...``, so all processes build the cache together;
 a killed build keeps its finished shards and the next run computes only the missing ones.
@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from ldm_pipeline.data import collate_examples, dataset_captions
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
-from ldm_pipeline.trainer import atomic_file, check_writable, remove_partial_files, write_json_atomic
+from ldm_pipeline.durable import atomic_file, check_writable, remove_partial_files, write_json_atomic
 
 CACHE_FORMAT_VERSION = "3"
 MANIFEST = "manifest.json"

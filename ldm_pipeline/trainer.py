@@ -1,6 +1,7 @@
 """The skeleton every training stage shares: set-up, step bookkeeping, logging, checkpoints, validation cadence,
-final save. Each ``training/train_<stage>.py`` builds its models, data and loss, and leaves the rest to
-:class:`StageTrainer`:
+final save (its files, checkpoints and streams live in ``ldm_pipeline.durable``, ``ldm_pipeline.checkpoints`` and
+``ldm_pipeline.stream_loading``). Each ``training/train_<stage>.py`` builds its models, data and loss, and leaves
+the rest to :class:`StageTrainer`:
 
     trainer = StageTrainer(config)                       # Accelerator, seed, checked output dir
     model, optimizer, loader, lr_scheduler = trainer.prepare(model, optimizer, loader, lr_scheduler)
@@ -23,15 +24,10 @@ resuming a different run, or starting a fresh run over one, is refused with a me
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
-import json
 import logging
-import os
-import re
 import shutil
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -40,120 +36,32 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from ldm_pipeline.checkpoints import (
+    CHECKPOINT_PATTERN,
+    check_checkpoint,
+    checkpoints_dir,
+    list_checkpoints,
+    register_ema_for_checkpointing,
+    resolve_resume_path,
+    save_checkpoint,
+)
 from ldm_pipeline.config import StageConfig
-from ldm_pipeline.errors import is_disk_full
+from ldm_pipeline.durable import JsonlLogger, check_writable, write_json_atomic
+from ldm_pipeline.stream_loading import (
+    StreamLoader,
+    check_same_shards,
+    register_stream_for_checkpointing,
+    stream_train_batches,
+)
 from ldm_pipeline.threads import ThreadGovernor
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-FINGERPRINT_FILE = "run_fingerprint.json"
 TRAIN_LOG = "train_log.jsonl"
-MIN_FREE_BYTES = 64 << 20
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the training loss is NaN or infinite."""
-
-
-# --------------------------------------------------------------------------------------------------- files
-
-
-def fsync_tree(path: Path) -> None:
-    """Flush every file under ``path`` (and the directories themselves) to disk."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(root)
-
-
-def _fsync_dir(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def partial_file(path: Path, writer: str | int) -> Path:
-    """The temporary name ``atomic_file`` writes ``path`` under: ``.NAME.partial-WRITER`` (WRITER: the process id)."""
-    return path.with_name(f".{path.name}.partial-{writer}")
-
-
-def remove_partial_files(path: Path) -> None:
-    """Delete what killed writers of ``path`` left behind (``atomic_file``'s temporary files)."""
-    for partial in path.parent.glob(partial_file(path, "*").name):
-        partial.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike):
-    """Yield a temporary path beside ``path`` to write; on success it is fsynced and renamed over ``path``, so
-    readers see the old file or the whole new one, never a torn one. On failure the temporary file is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_file(path, os.getpid())
-    try:
-        yield partial
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, path)
-    _fsync_dir(path.parent)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (``atomic_file``)."""
-    with atomic_file(path) as partial:
-        partial.write_text(text, encoding="utf-8")
-
-
-def write_json_atomic(path: str | os.PathLike, payload) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path):
-    """Yield a temporary sibling directory; on success it is fsynced and renamed to ``final`` (replacing it)."""
-    partial = final.with_name(f".partial-{final.name}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-        fsync_tree(partial)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    _fsync_dir(final.parent)
-
-
-def check_writable(directory: str | os.PathLike, what: str) -> Path:
-    """Create ``directory`` and prove it writable before any work is done (not after an hour of it)."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as error:
-        raise PermissionError(errno.EACCES, f"{what} {directory} is not writable ({error.strerror}): choose a "
-                                            "writable location") from None
-    return directory
-
-
-def raise_if_disk_full(error: BaseException, directory: Path, what: str) -> None:
-    """Turn a failed write into "No space left on device" when that is what happened (PyTorch's serializer
-    reports a full disk only as ``unexpected pos``)."""
-    free = shutil.disk_usage(directory).free if directory.exists() else MIN_FREE_BYTES
-    if is_disk_full(error) or "unexpected pos" in str(error) or free < MIN_FREE_BYTES:
-        raise OSError(errno.ENOSPC, f"No space left on device while writing {what} ({free >> 20} MiB free): free "
-                                    "disk space, then resume with --resume_from_checkpoint latest (earlier "
-                                    "checkpoints are intact)", str(directory)) from error
 
 
 # --------------------------------------------------------------------------------------------------- data order
@@ -217,39 +125,6 @@ def train_batches(
                 return
 
 
-# --------------------------------------------------------------------------------------------------- streamed data
-
-STREAM_STATE_FILE = "stream_state_{}.json"
-
-
-class StreamLoader:
-    """The training batches of one process's stream (`ldm_pipeline.data.StreamingImageCaptionDataset`).
-
-    Not a ``DataLoader``, so ``accelerator.prepare`` hands it back unchanged: the stream is already split across
-    processes (``split_dataset_by_node``) and needs no Accelerate sharding or dispatching. ``(epoch, position)``
-    counts the batches this process has used of the current epoch; it is saved with every checkpoint
-    (``stream_state_{process}.json``) and restored on resume (`stream_train_batches`).
-    """
-
-    def __init__(self, dataset, batch_size: int, collate_fn, num_workers: int, seed: int):
-        self.dataset, self.batch_size, self.collate_fn = dataset, batch_size, collate_fn
-        self.num_workers, self.seed = num_workers, seed
-        self.epoch, self.position = 0, 0
-
-    def epoch_batches(self, epoch: int) -> Iterator[dict]:
-        """The full batches of ``epoch``, in the order a function of (seed, epoch, shards, buffer, workers) gives."""
-        self.dataset.set_epoch(epoch)
-        return iter(torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, collate_fn=self.collate_fn, drop_last=True,
-            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
 def without_worker_traceback(batches: Iterator[dict]) -> Iterator[dict]:
     """Re-raise an error of a DataLoader worker as the same type with the worker's own one-line message (PyTorch
     puts the worker's whole traceback into the message)."""
@@ -265,72 +140,6 @@ def without_worker_traceback(batches: Iterator[dict]) -> Iterator[dict]:
         except Exception:
             raise error from None
         raise replacement from error
-
-
-def stream_train_batches(loader: StreamLoader, start_step: int, max_train_steps: int,
-                         gradient_accumulation_steps: int = 1, device=None) -> Iterator[dict]:
-    """The micro-batches of a stream from optimizer step ``start_step`` to ``max_train_steps``.
-
-    Epoch ``e`` is the stream reshuffled with ``seed + e``, read to its end; then ``e + 1`` begins (processes may
-    change epoch at different steps when their shares differ). A resumed run restores ``(epoch, position)`` from
-    its checkpoint and reads and discards the ``position`` batches of that epoch it had already used, so it goes
-    on with exactly the batches an uninterrupted run would see. (``IterableDataset.state_dict`` would skip the
-    reading, but it does not keep the shuffle buffer, so the order after a resume would differ.)
-    """
-    from accelerate.utils import send_to_device
-
-    micro_step = start_step * gradient_accumulation_steps
-    last_micro_step = max_train_steps * gradient_accumulation_steps
-    while micro_step < last_micro_step:
-        batches = loader.epoch_batches(loader.epoch)
-        for used in range(loader.position):
-            if next(batches, None) is None:
-                raise ValueError(f"The stream's epoch {loader.epoch} ended after {used} batches, but the checkpoint "
-                                 f"had used {loader.position}: the data changed since it was saved. Resume with the "
-                                 "same shards, or start over with --overwrite_output_dir.")
-        for batch in batches:
-            loader.position += 1
-            yield send_to_device(batch, device) if device is not None else batch
-            micro_step += 1
-            if micro_step >= last_micro_step:
-                return
-        if loader.position == 0:
-            raise ValueError("The training stream gave no full batch in an epoch: this process's share of the data "
-                             "is smaller than one batch. Lower --train_batch_size, or add samples or shards.")
-        loader.epoch, loader.position = loader.epoch + 1, 0
-
-
-def register_stream_for_checkpointing(accelerator: Accelerator, loader: StreamLoader) -> None:
-    """Save ``loader``'s position in every checkpoint, one small JSON file per process (each process reads its own
-    stream), and restore it when a checkpoint is loaded."""
-
-    def save_hook(models, weights, output_dir):
-        write_json_atomic(Path(output_dir) / STREAM_STATE_FILE.format(accelerator.process_index), loader.state_dict())
-
-    def load_hook(models, input_dir):
-        path = Path(input_dir) / STREAM_STATE_FILE.format(accelerator.process_index)
-        if not path.is_file():
-            raise ValueError(f"{path} is missing: the checkpoint does not hold this process's stream position, so it "
-                             "cannot resume a --streaming run exactly. Resume from another checkpoint, or start over "
-                             "with --overwrite_output_dir.")
-        loader.load_state_dict(json.loads(path.read_text()))
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def check_same_shards(accelerator: Accelerator, shard_ids: list[str]) -> None:
-    """Every process must stream the same shard list: its hash is gathered from all processes before training, and
-    a difference is an error on every process (instead of a hang, or duplicated and missing samples)."""
-    digest = int.from_bytes(hashlib.sha256("\n".join(shard_ids).encode()).digest()[:7], "little")
-    local = torch.tensor([[digest, len(shard_ids)]], dtype=torch.int64, device=accelerator.device)
-    everyone = accelerator.gather(local).reshape(-1, 2).cpu()  # [processes, 2]
-    if (everyone != everyone[0]).any():
-        seen = ", ".join(f"process {index}: {count} shard(s), list hash {value:014x}"
-                         for index, (value, count) in enumerate(everyone.tolist()))
-        raise ValueError(f"The processes do not see the same training shards ({seen}); this is process "
-                         f"{accelerator.process_index}. Give every process the same --train_data_dir contents "
-                         "(or --dataset_name) on every machine.")
 
 
 def step_generator(seed: int, process_index: int, micro_step: int) -> torch.Generator:
@@ -349,158 +158,7 @@ def check_finite_loss(loss: torch.Tensor, global_step: int) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in ``OUTPUT_DIR/checkpoints``, oldest first."""
-    root = checkpoints_dir(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
-    return [path for _, path in sorted(found)]
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, global_step: int,
-                    total_limit: int | None = None, fingerprint: dict | None = None) -> Path:
-    """Save the full training state (models, optimizers, schedulers, RNGs, registered objects) and the run
-    fingerprint.
-
-    The state is written to a temporary directory, fsynced, and renamed to ``checkpoint-{global_step}`` only once
-    complete, so an interrupted save never leaves a checkpoint that ``latest`` would pick; a full disk is reported
-    as such and the earlier checkpoints stay. Older checkpoints beyond ``total_limit`` are removed afterwards.
-    """
-    root = checkpoints_dir(output_dir)
-    final = root / f"checkpoint-{global_step}"
-    partial = root / f".partial-checkpoint-{global_step}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(partial), safe_serialization=True)
-        if accelerator.is_main_process and fingerprint is not None:
-            (partial / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2, default=str))
-    except Exception as error:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise_if_disk_full(error, root, f"checkpoint-{global_step}")
-        raise
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        fsync_tree(partial)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        _fsync_dir(root)
-        if total_limit is not None and total_limit > 0:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
-        logger.info("Saved checkpoint %s", final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def fingerprint_differences(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
-    """``["training.learning_rate: 0.001 -> 0.002", ...]`` for every leaf where two fingerprints differ. A key the
-    saved fingerprint lacks (an option added since it was written) is no difference when the current value is the
-    option's default in ``defaults`` (same nesting)."""
-    differences = []
-    defaults = defaults or {}
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            nested = defaults.get(key) if isinstance(defaults.get(key), dict) else None
-            differences += fingerprint_differences(a, b, name + ".", nested)
-        elif key not in saved and key in defaults and _same_json(defaults[key], b):
-            continue
-        elif not _same_json(a, b):
-            differences.append(f"{name}: {a!r} -> {b!r}")
-    return differences
-
-
-def _same_json(a, b) -> bool:
-    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
-
-
-def archive_is_intact(path: Path) -> bool:
-    """True when ``path`` is a complete ``torch.save`` archive whose every member matches its CRC-32 (checked
-    without unpickling anything)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (zipfile.BadZipFile, OSError, EOFError):
-        return False
-
-
-def check_checkpoint(path: Path, num_processes: int, fingerprint: dict | None, defaults: dict | None = None) -> None:
-    """Refuse a checkpoint that is damaged (a random-state file missing or unreadable, which would silently
-    break exact resume) or that was saved by a different run."""
-    for index in range(num_processes):
-        states = path / f"random_states_{index}.pkl"
-        if not states.is_file():
-            raise ValueError(f"{states} is missing: checkpoint {path.name} is incomplete and cannot resume exactly. "
-                             "Resume from an earlier checkpoint (--resume_from_checkpoint PATH) or start over with "
-                             "--overwrite_output_dir.")
-        if not archive_is_intact(states):
-            raise ValueError(f"{states} is damaged: resume from an earlier checkpoint (--resume_from_checkpoint "
-                             "PATH) or start over with --overwrite_output_dir.")
-    saved_file = path / FINGERPRINT_FILE
-    if fingerprint is None or not saved_file.is_file():
-        return
-    saved = json.loads(saved_file.read_text())
-    current = json.loads(json.dumps(fingerprint, default=str))
-    differences = fingerprint_differences(saved, current, defaults=json.loads(json.dumps(defaults or {}, default=str)))
-    if differences:
-        shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
-        raise ValueError(f"{path} belongs to a different run ({shown}). Resume with the same config, data and "
-                         "frozen stages, or train into a new --output_dir, or pass --overwrite_output_dir to "
-                         "discard the old checkpoints.")
-
-
-def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | os.PathLike, print_fn=print) -> Path | None:
-    """The checkpoint named by ``--resume_from_checkpoint``: ``None`` -> fresh start; ``"latest"`` -> the newest in
-    ``OUTPUT_DIR/checkpoints`` (a fresh start with a message when there is none); a path must exist."""
-    if not resume_from_checkpoint:
-        return None
-    if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            print_fn(f"No checkpoint in {checkpoints_dir(output_dir)}: starting a new training run.")
-            return None
-        return found[-1]
-    path = Path(resume_from_checkpoint)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {path}: no such checkpoint directory. Use 'latest' or one of: "
-            f"{[p.name for p in list_checkpoints(output_dir)] or 'none saved yet'}."
-        )
-    if not CHECKPOINT_PATTERN.match(path.name):
-        raise ValueError(f"{path} is not a checkpoint directory (expected a name like checkpoint-500).")
-    return path
-
-
-def register_ema_for_checkpointing(accelerator: Accelerator, ema_model, model_cls, subfolder: str) -> None:
-    """Save and restore ``ema_model`` (a Diffusers ``EMAModel``) in every checkpoint as ``{checkpoint}/{subfolder}``:
-    the averaged weights as safetensors, the EMA counters in its config.json (no pickle, unlike
-    ``accelerator.register_for_checkpointing``). Neither hook touches the global RNG, so resume stays exact."""
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            with torch.random.fork_rng(devices=[]):  # building the model to save draws random initial weights
-                ema_model.save_pretrained(os.path.join(output_dir, subfolder))
-
-    def load_hook(models, input_dir):
-        with torch.random.fork_rng(devices=[]):
-            loaded = type(ema_model).from_pretrained(os.path.join(input_dir, subfolder), model_cls)
-        ema_model.load_state_dict(loaded.state_dict())
-        ema_model.to(accelerator.device)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+# --------------------------------------------------------------------------------------------------- EMA
 
 
 @contextlib.contextmanager
@@ -516,55 +174,6 @@ def ema_weights(ema_model, model: torch.nn.Module):
         yield model
     finally:
         ema_model.restore(model.parameters())
-
-
-# --------------------------------------------------------------------------------------------------- logs
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines log. A torn last line (a kill or a full disk during an append) is dropped
-    with a warning; a damaged line before it is an error naming the line."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                logger.warning("Dropping the torn last line %d of %s (an interrupted write).", number, path)
-                continue
-            raise ValueError(f"{path} line {number} is not JSON: delete that line (the log is only a record; "
-                             "checkpoints do not depend on it) and resume again.") from None
-    return records
-
-
-class JsonlLogger:
-    """Append one JSON object per line to a file (main process only); the file survives resumes."""
-
-    def __init__(self, path: str | os.PathLike, accelerator: Accelerator, start_step: int = 0):
-        self.path = Path(path)
-        self.enabled = accelerator.is_main_process
-        self.previous: list[dict] = []
-        if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._truncate_after(start_step)
-
-    def _truncate_after(self, step: int) -> None:
-        """Drop records of steps > ``step`` left by an interrupted run, so a resume does not duplicate them."""
-        if step == 0:
-            self.path.unlink(missing_ok=True)
-            return
-        self.previous = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.previous))
-
-    def log(self, **record) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------- the skeleton

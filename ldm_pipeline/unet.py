@@ -22,7 +22,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from ldm_pipeline.caching import fingerprint_model, fingerprint_tokenizer
 from ldm_pipeline.config import UNetTrainingConfig, closest
 from ldm_pipeline.diffusion import add_noise, diffusion_loss, sample_noise, sample_timesteps, training_target
-from ldm_pipeline.trainer import atomic_directory, ema_weights
+from ldm_pipeline.durable import atomic_directory
+from ldm_pipeline.trainer import ema_weights
 from ldm_pipeline.text_encoder import text_hidden_size
 from ldm_pipeline.vae import vae_scale_factor
 

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import run_stage
 from ldm_pipeline.config import ConfigError, load_stage_config, local_or_hub
-from ldm_pipeline.trainer import list_checkpoints, read_jsonl, save_checkpoint
+from ldm_pipeline.checkpoints import list_checkpoints, save_checkpoint
+from ldm_pipeline.durable import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "tiny"

@@ -21,7 +21,7 @@ from ldm_pipeline.config import ConfigError, DataConfig
 from ldm_pipeline.data import ShapesDataset, build_dataset, collate_examples, dataset_captions, dataset_fingerprint
 from ldm_pipeline.data.datasets import StreamingImageCaptionDataset, image_to_tensor
 from ldm_pipeline.data.export import export_main
-from ldm_pipeline.trainer import StreamLoader, check_same_shards, stream_train_batches
+from ldm_pipeline.stream_loading import StreamLoader, check_same_shards, stream_train_batches
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VAE = REPO / "configs" / "tiny" / "vae.json"

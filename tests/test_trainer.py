@@ -5,15 +5,8 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from ldm_pipeline.trainer import (
-    EpochShuffleSampler,
-    NonFiniteLossError,
-    check_finite_loss,
-    list_checkpoints,
-    resolve_resume_path,
-    save_checkpoint,
-    train_batches,
-)
+from ldm_pipeline.checkpoints import list_checkpoints, resolve_resume_path, save_checkpoint
+from ldm_pipeline.trainer import EpochShuffleSampler, NonFiniteLossError, check_finite_loss, train_batches
 
 
 def _loader(accelerator, n=10, batch_size=3, seed=7):
@@ -97,7 +90,7 @@ def test_accelerate_configs_parse_as_accelerate_reads_them(name, kind, processes
 
 def test_option_added_since_a_checkpoint_is_no_difference_at_its_default():
     from ldm_pipeline.config import load_stage_config
-    from ldm_pipeline.trainer import fingerprint_differences
+    from ldm_pipeline.checkpoints import fingerprint_differences
 
     config = load_stage_config("text_encoder", ["--config", "configs/tiny/text_encoder_clip.json", "--output_dir", "x"])
     current = json.loads(json.dumps(config.fingerprint(), default=str))

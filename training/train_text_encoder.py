@@ -42,7 +42,8 @@ from ldm_pipeline.text_encoder import (
     token_region_loss,
     train_tokenizer,
 )
-from ldm_pipeline.trainer import StageTrainer, check_writable
+from ldm_pipeline.durable import check_writable
+from ldm_pipeline.trainer import StageTrainer
 
 
 def copy_pretrained(name_or_path: str, output_dir: Path) -> dict:

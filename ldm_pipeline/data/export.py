@@ -56,7 +56,7 @@ def export_shapes_shards(out: str | os.PathLike, num_samples: int, resolution: i
                          overwrite: bool = False) -> list[Path]:
     """Write ``num_samples`` shapes samples as WebDataset tar shards of ``shard_size`` samples (``KEY.png`` +
     ``KEY.json`` with the caption under ``"text"``); each shard is written whole or not at all. Returns the shards."""
-    from ..trainer import atomic_file
+    from ..durable import atomic_file
 
     out = Path(out)
     if list(out.glob("shard-*.tar")) and not overwrite:
