@@ -557,22 +557,36 @@ def token_region_loss(
             + soft_cross_entropy(logit_scale * image_to_text.t(), targets.t())) / 2
 
 
-def mask_words(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Sequence[int], mask_token_id: int,
-               probability: float, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(masked_ids, targets)`` [B, L] for masked-token prediction (BERT, Devlin et al. 2019, arXiv:1810.04805,
-    sec. 3.1, with every chosen token replaced by ``<mask>``).
+MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # BERT's corruption of a chosen word: <mask>, a random word, or kept as it is
 
-    A word token (attended, not a special token) at position l of caption i is masked when ``uniform[i, l] <
-    probability``; a caption none of whose words is drawn gets its word with the smallest draw masked, so every
-    caption with a word has at least one. ``targets`` holds the original id where masked and -100 elsewhere.
-    ``uniform`` [B, L] are U(0, 1) draws from the caller (the same for the same step and sample: exact resume).
+
+def mask_words(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Sequence[int], mask_token_id: int,
+               probability: float, uniform: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(corrupted_ids, targets)`` [B, L] for masked-token prediction (BERT, Devlin et al. 2019,
+    arXiv:1810.04805, sec. 3.1, "Task #1").
+
+    A word token (attended, not a special token) at position l of caption i is chosen when ``uniform[i, l, 0] <
+    probability``; a caption none of whose words is drawn gets its word with the smallest draw chosen, so every
+    caption with a word has at least one. A chosen word becomes ``<mask>`` when ``uniform[i, l, 1] < 0.8``, a
+    random non-special token (``uniform[i, l, 2]`` picks it) when it is below 0.9, and stays as it is otherwise:
+    since any word may be wrong, every token state has to carry its context, not only the masked ones.
+    ``targets`` holds the original id where chosen and -100 elsewhere. ``uniform`` [B, L, 3] are U(0, 1) draws from
+    the caller (the same for the same step and sample: exact resume).
     """
-    words = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(list(special_ids), device=input_ids.device))
-    uniform = uniform.to(input_ids.device).masked_fill(~words, 2.0)  # [B, L]; 2.0 is never drawn
-    chosen = uniform < probability
-    first = F.one_hot(uniform.argmin(dim=1), uniform.shape[1]).bool() & words  # [B, L]
+    special = torch.tensor(list(special_ids), device=input_ids.device)
+    words = attention_mask.bool() & ~torch.isin(input_ids, special)
+    uniform = uniform.to(input_ids.device)
+    draws = uniform[..., 0].masked_fill(~words, 2.0)  # [B, L]; 2.0 is never drawn
+    chosen = draws < probability
+    first = F.one_hot(draws.argmin(dim=1), draws.shape[1]).bool() & words  # [B, L]
     chosen |= first & ~chosen.any(dim=1, keepdim=True)
-    return input_ids.masked_fill(chosen, mask_token_id), input_ids.masked_fill(~chosen, -100)
+    vocabulary = torch.arange(vocab_size, device=input_ids.device)
+    vocabulary = vocabulary[~torch.isin(vocabulary, special)]  # [V - specials]
+    random_words = vocabulary[(uniform[..., 2] * len(vocabulary)).long().clamp(max=len(vocabulary) - 1)]  # [B, L]
+    corrupted = torch.where(chosen & (uniform[..., 1] < MASK_SHARE), mask_token_id, input_ids)
+    corrupted = torch.where(chosen & (uniform[..., 1] >= MASK_SHARE) & (uniform[..., 1] < MASK_SHARE + RANDOM_SHARE),
+                            random_words, corrupted)
+    return corrupted, input_ids.masked_fill(~chosen, -100)
 
 
 def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, num_masked: torch.Tensor | int | None = None) -> torch.Tensor:

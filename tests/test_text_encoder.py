@@ -282,21 +282,34 @@ def test_token_region_head_returns_token_states_of_the_same_forward_pass(tokeniz
     torch.testing.assert_close(output.region_embeds, F.normalize(head.region_projection(cells) + head.region_position, dim=-1))
 
 
-def test_mask_words_masks_only_words_at_the_drawn_positions_and_at_least_one_per_caption(tokenizer):
+def test_mask_words_corrupts_only_words_at_the_drawn_positions_as_bert_does(tokenizer):
     tokens = tokenizer(["a red cat left of a blue house", "a cat", ""], padding="max_length", return_tensors="pt")
     ids, mask = tokens.input_ids, tokens.attention_mask
-    words = mask.bool() & ~torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
-    uniform = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0))
-    masked, targets = mask_words(ids, mask, tokenizer.all_special_ids, tokenizer.mask_token_id, 0.3, uniform)
-    chosen = masked == tokenizer.mask_token_id
-    expected = words & (uniform < 0.3)
+    special = torch.tensor(tokenizer.all_special_ids)
+    words = mask.bool() & ~torch.isin(ids, special)
+    uniform = torch.rand((*ids.shape, 3), generator=torch.Generator().manual_seed(0))
+    corrupted, targets = mask_words(ids, mask, tokenizer.all_special_ids, tokenizer.mask_token_id, 0.3, uniform,
+                                    len(tokenizer))
+    chosen = words & (uniform[..., 0] < 0.3)
     for row in range(2):  # a caption none of whose draws is below 0.3 gets its word with the smallest draw
-        if not expected[row].any():
-            expected[row, uniform[row].masked_fill(~words[row], 2).argmin()] = True
-    assert torch.equal(chosen, expected) and chosen[:2].any(dim=1).all() and not chosen[2].any()
-    assert torch.equal(targets, ids.masked_fill(~chosen, -100)) and torch.equal(masked[~chosen], ids[~chosen])
-    all_words = mask_words(ids, mask, tokenizer.all_special_ids, tokenizer.mask_token_id, 1.0, uniform)[0]
-    assert torch.equal(all_words == tokenizer.mask_token_id, words)
+        if not chosen[row].any():
+            chosen[row, uniform[row, :, 0].masked_fill(~words[row], 2).argmin()] = True
+    assert chosen[:2].any(dim=1).all() and not chosen[2].any()
+    assert torch.equal(targets, ids.masked_fill(~chosen, -100)) and torch.equal(corrupted[~chosen], ids[~chosen])
+    non_special = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
+    for i, l in chosen.nonzero().tolist():
+        kind, pick = uniform[i, l, 1].item(), uniform[i, l, 2].item()
+        expected = (tokenizer.mask_token_id if kind < 0.8 else non_special[int(pick * len(non_special))] if kind < 0.9
+                    else ids[i, l].item())
+        assert corrupted[i, l].item() == expected
+    # every word chosen; with draws of 0 in the second channel every one becomes <mask>
+    everything, _ = mask_words(ids, mask, tokenizer.all_special_ids, tokenizer.mask_token_id, 1.0,
+                               torch.zeros((*ids.shape, 3)), len(tokenizer))
+    assert torch.equal(everything == tokenizer.mask_token_id, words)
+    large = torch.rand((4000, 1, 3), generator=torch.Generator().manual_seed(1))
+    many, _ = mask_words(ids[:1, 2:3].repeat(4000, 1), torch.ones(4000, 1, dtype=torch.long),
+                         tokenizer.all_special_ids, tokenizer.mask_token_id, 1.0, large, len(tokenizer))
+    assert abs((many == tokenizer.mask_token_id).float().mean().item() - 0.8) < 0.03
 
 
 def test_masked_token_loss_is_the_mean_cross_entropy_over_masked_words():

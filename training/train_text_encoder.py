@@ -127,10 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
             num_own = len(batch["captions"])
             masked_ids = targets = None
             if masked_tokens:
-                uniform = trainer.global_randn(input_ids[:num_own].shape, trainer.generator(), draw=torch.rand)
+                uniform = trainer.global_randn((num_own, input_ids.shape[1], 3), trainer.generator(), draw=torch.rand)
                 masked_ids, targets = mask_words(input_ids[:num_own], attention_mask[:num_own],
                                                  tokenizer.all_special_ids, tokenizer.mask_token_id,
-                                                 args.masked_token_probability, uniform)  # [B, L] each
+                                                 args.masked_token_probability, uniform, len(tokenizer))  # [B, L] each
             output = model(input_ids, attention_mask, batch["pixel_values"], masked_input_ids=masked_ids)
             text_embeds, negative_embeds = output.text_embeds[:num_own], None
             if args.hard_negatives:
