@@ -414,7 +414,7 @@ def caption_targets(num_captions: int, same_caption: torch.Tensor | None, like: 
     """``T`` [B, B]: the identity without ``same_caption``, else ``T_ij = same_ij / Σ_k same_ik``."""
     if same_caption is None:
         return torch.eye(num_captions, device=like.device, dtype=like.dtype)
-    same = same_caption.to(device=like.device, dtype=like.dtype)
+    same = same_caption.to(device=like.device, dtype=like.dtype, non_blocking=True)
     return same / same.sum(dim=1, keepdim=True)
 
 

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
             negatives, num_negatives = (own_hard_negatives(trainer.accelerator, captions, len(batch["captions"]))
                                         if args.hard_negatives else ([], 0))
             tokens = tokenize_prompts(tokenizer, batch["captions"] + negatives)
-            input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+            input_ids = tokens["input_ids"].to(device, non_blocking=True)
+            attention_mask = tokens["attention_mask"].to(device, non_blocking=True)
             text_embeds, image_embeds, logit_scale, *token_outputs = model(input_ids, attention_mask,
                                                                            batch["pixel_values"])
             negative_embeds = None
