@@ -43,8 +43,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldm_pipeline.data import collate_examples, dataset_captions
-from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 from ldm_pipeline.durable import atomic_file, check_writable, remove_partial_files, write_json_atomic
+from ldm_pipeline.fast_path import resolve_fast_path
+from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 
 CACHE_FORMAT_VERSION = "3"
 MANIFEST = "manifest.json"
@@ -368,10 +369,12 @@ def shards_of(num_rows: int, shard_size: int, process_index: int, num_processes:
 
 @torch.no_grad()
 def compute_sample_shard(dataset, collate_fn: Callable, vae, caption_rows: dict[str, int], start: int, stop: int,
-                         batch_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """VAE posteriors and caption rows of samples [start, stop), in batches of ``batch_size`` from ``start``."""
+                         batch_size: int, dtype: torch.dtype, num_workers: int = 0) -> dict[str, torch.Tensor]:
+    """VAE posteriors and caption rows of samples [start, stop), in batches of ``batch_size`` from ``start`` (made
+    by ``num_workers`` DataLoader workers, in order)."""
     subset = torch.utils.data.Subset(dataset, range(start, stop))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                                         num_workers=num_workers)
     means, stds, ids = [], [], []
     for batch in loader:
         mean, std = encode_posterior(vae, batch["pixel_values"])
@@ -407,7 +410,7 @@ def agree_across_processes(accelerator, num_samples: int, key: str, complete: bo
 
 def build_cache(directory: Path, key: str, dataset, collate_fn: Callable, vae, text_encoder, tokenizer,
                 captions: Sequence[str], shard_size: int, batch_size: int, dtype: torch.dtype,
-                process_index: int = 0, num_processes: int = 1) -> int:
+                process_index: int = 0, num_processes: int = 1, num_workers: int = 0) -> int:
     """Compute this process's missing shards (``shards_of``) of the cache in ``directory``; returns how many.
 
     ``captions`` are the samples' captions in dataset order (``dataset_captions``); their sorted distinct values
@@ -422,7 +425,7 @@ def build_cache(directory: Path, key: str, dataset, collate_fn: Callable, vae, t
         remove_partial_files(path)
         start, stop = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
         write_shard(path, compute_sample_shard(dataset, collate_fn, vae, caption_rows, start, stop, batch_size,
-                                               dtype), key)
+                                               dtype, num_workers), key)
         computed += 1
     for shard in shards_of(len(distinct), shard_size, process_index, num_processes):
         path = shard_path(directory, "text", shard)
@@ -494,9 +497,10 @@ def open_or_build_cache(config, accelerator, dataset, vae, text_encoder, tokeniz
     accelerator.print(f"Computing latent/text cache {directory}: {len(dataset)} samples, {num_captions} distinct "
                       f"captions, shards of {args.cache_shard_size}, {accelerator.num_processes} process(es); "
                       "finished shards are kept.")
+    workers = resolve_fast_path(args, accelerator.device).dataloader_num_workers  # render images in workers on a GPU
     computed = build_cache(directory, key, dataset, collate_examples, vae, text_encoder, tokenizer, captions,
                            args.cache_shard_size, args.cache_batch_size, STORAGE_DTYPES[args.cache_dtype],
-                           accelerator.process_index, accelerator.num_processes)
+                           accelerator.process_index, accelerator.num_processes, workers)
     accelerator.print(f"Process {accelerator.process_index} computed {computed} shard(s); waiting for the others.")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not manifest_path.is_file():
