@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_utilisation import stage_config_path  # noqa: E402
 from ldm_pipeline.durable import read_jsonl  # noqa: E402
 from ldm_pipeline.trainer import TRAIN_LOG, run_in_process  # noqa: E402
 from training import train_unet  # noqa: E402
@@ -43,10 +45,7 @@ def build_random_stages(size: str, root: Path, resolution: int) -> tuple[Path, P
     from ldm_pipeline.text_encoder import build_text_encoder, train_tokenizer
     from ldm_pipeline.vae import build_vae
 
-    text_config_path = REPO / "configs" / size / "text_encoder.json"
-    if not text_config_path.is_file():
-        text_config_path = REPO / "configs" / size / "text_encoder_clip.json"
-    text_config = json.loads(text_config_path.read_text())["model"]
+    text_config = json.loads(stage_config_path(size, "text_encoder").read_text())["model"]
     captions = [ShapesDataset(400, 16, seed=0)[i]["caption"] for i in range(400)]
     tokenizer_config = text_config.get("tokenizer", {})
     tokenizer = train_tokenizer(captions, tokenizer_config.get("vocab_size", 512), tokenizer_config.get("model_max_length", 32))

@@ -42,17 +42,22 @@ REPO = Path(__file__).resolve().parents[1]
 PEAK_SIZE = 2048
 
 
-def matmul_peak_gflops(size: int = PEAK_SIZE, repeats: int = 10) -> float:
-    """Best achieved GFLOP/s of an fp32 ``size x size`` matrix product (2 size^3 FLOPs)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(size: int = PEAK_SIZE, repeats: int = 10, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> float:
+    """Best achieved GFLOP/s of a ``size x size`` matrix product (2 size^3 FLOPs) in ``dtype`` on ``device``."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     torch.mm(a, b)
     best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
 
 
 def _seconds(function) -> float:
+    """Wall seconds of ``function()``, including the GPU work it queued (synchronised before and after)."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     function()
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -74,11 +79,21 @@ def measure(name: str, step, batch: int, steps: int, peak: float) -> dict:
             "share_of_peak": gflops / peak}
 
 
-def training_step(model, loss_fn, optimizer_options: dict | None = None):
+def stage_config_path(size: str, stage: str) -> Path:
+    """``configs/<size>/<stage>.json``; a text stage without ``text_encoder.json`` uses ``text_encoder_clip.json``."""
+    path = REPO / "configs" / size / f"{stage}.json"
+    if stage == "text_encoder" and not path.is_file():
+        path = path.with_name("text_encoder_clip.json")
+    return path
+
+
+def training_step(model, loss_fn, optimizer_options: dict | None = None, autocast_dtype: torch.dtype | None = None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **(optimizer_options or {}))
+    device_type = next(model.parameters()).device.type
 
     def step():
-        loss = loss_fn()
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -87,26 +102,32 @@ def training_step(model, loss_fn, optimizer_options: dict | None = None):
 
 
 def stage_steps(size: str, sampling_batch: int = 16, batch: int | None = None, optimizer_options: dict | None = None,
-                channels_last: bool = False, compile_models: bool = False) -> list[tuple[str, object, int]]:
+                channels_last: bool = False, compile_models: bool = False, device: str | torch.device = "cpu",
+                autocast_dtype: torch.dtype | None = None, compile_mode: str | None = None
+                ) -> list[tuple[str, object, int]]:
     """``(name, step, batch)`` for each row: one training step of every stage of ``configs/<size>`` (random
     weights), the U-Net step both cached and with the frozen stages run every step, and one guided sampling step.
     ``batch`` replaces the configs' batch sizes (FLOPs per image do not depend on it); ``optimizer_options`` go to
     AdamW (``foreach``, ``fused``); ``channels_last`` stores the convolutional models' weights and image/latent
-    inputs in NHWC order; ``compile_models`` wraps the trained models in ``torch.compile``."""
+    inputs in NHWC order; ``compile_models`` wraps the trained models in ``torch.compile`` (``compile_mode``:
+    ``reduce-overhead`` replays CUDA graphs); models and inputs live on ``device``; ``autocast_dtype`` (bf16)
+    runs the forward passes under autocast."""
 
     def train_step(model, loss_fn):
-        return training_step(model, loss_fn, optimizer_options)
+        return training_step(model, loss_fn, optimizer_options, autocast_dtype)
 
     def layout(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(device)
         return tensor.contiguous(memory_format=torch.channels_last) if channels_last else tensor
 
     def trained(model):
+        model.to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        return torch.compile(model) if compile_models else model
+        return torch.compile(model, mode=compile_mode) if compile_models else model
 
     torch.manual_seed(0)
-    configs = {name: json.loads((REPO / "configs" / size / f"{name}.json").read_text())
+    configs = {name: json.loads(stage_config_path(size, name).read_text())
                for name in ("text_encoder", "vae", "unet")}
 
     # Stage 1: contrastive step on a batch of captions and images.
@@ -121,9 +142,9 @@ def stage_steps(size: str, sampling_batch: int = 16, batch: int | None = None, o
     contrastive_forward = trained(contrastive)
     text_batch = batch or text_config["training"]["train_batch_size"]
     batch_captions = (captions * (text_batch // len(captions) + 1))[:text_batch]
-    tokens = tokenize_prompts(tokenizer, batch_captions)
+    tokens = tokenize_prompts(tokenizer, batch_captions).to(device)
     images = layout(torch.rand(text_batch, 3, resolution, resolution) * 2 - 1)
-    same = same_caption_matrix(batch_captions)
+    same = same_caption_matrix(batch_captions).to(device)
 
     def text_loss():
         output = contrastive_forward(tokens.input_ids, tokens.attention_mask, images)
@@ -150,7 +171,7 @@ def stage_steps(size: str, sampling_batch: int = 16, batch: int | None = None, o
     unet_resolution = unet_config["data"]["resolution"]
     frozen_vae = copy.deepcopy(vae).eval().requires_grad_(False)
     text_encoder = copy.deepcopy(contrastive.text_encoder).eval().requires_grad_(False)
-    unet = build_unet(unet_config["model"], frozen_vae, text_encoder, unet_resolution).train()
+    unet = build_unet(unet_config["model"], frozen_vae, text_encoder, unet_resolution).train().to(device)
     unet_forward = trained(unet)
     objective = DenoisingObjective(build_noise_scheduler(unet_config["model"].get("noise_scheduler")),
                                    snr_gamma=unet_config["training"].get("snr_gamma"))
@@ -158,10 +179,10 @@ def stage_steps(size: str, sampling_batch: int = 16, batch: int | None = None, o
     factor = vae_scale_factor(frozen_vae)
     latent_shape = (unet_batch, frozen_vae.config.latent_channels, unet_resolution // factor, unet_resolution // factor)
     latents = layout(torch.randn(latent_shape))
-    unet_tokens = tokenize_prompts(tokenizer, (captions * (unet_batch // len(captions) + 1))[:unet_batch])
+    unet_tokens = tokenize_prompts(tokenizer, (captions * (unet_batch // len(captions) + 1))[:unet_batch]).to(device)
     prompt_embeds = encode_prompts(text_encoder, unet_tokens.input_ids, unet_tokens.attention_mask)
-    generator = torch.Generator().manual_seed(0)
-    unet_pixels = torch.rand(unet_batch, 3, unet_resolution, unet_resolution) * 2 - 1
+    generator = torch.Generator(device).manual_seed(0)
+    unet_pixels = (torch.rand(unet_batch, 3, unet_resolution, unet_resolution) * 2 - 1).to(device)
 
     def cached_loss():
         return objective(unet_forward, latents, prompt_embeds, generator)
@@ -178,7 +199,7 @@ def stage_steps(size: str, sampling_batch: int = 16, batch: int | None = None, o
     sampling_batch = min(sampling_batch, unet_batch)
     noisy = layout(torch.randn(2 * sampling_batch, *latent_shape[1:]))
     states = torch.cat([prompt_embeds[:sampling_batch]] * 2)
-    timestep = torch.tensor(500)
+    timestep = torch.tensor(500, device=device)
 
     @torch.inference_mode()
     def sampling_step():

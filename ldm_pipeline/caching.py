@@ -18,8 +18,10 @@ tensors (``hash_tensors``) and the cache key in its metadata; a shard is checked
 run reads it. Process ``p`` of ``n`` computes shards ``p, p + n, ...``, so all processes build the cache together;
 a killed build keeps its finished shards and the next run computes only the missing ones.
 
-Training reads only the rows a batch needs (``ShardedLatentCache.__getitems__``: one sorted gather per shard from
-a memory map opened for that gather and closed after it), so memory does not grow with the number of samples.
+Training reads only the rows a batch needs (``ShardedLatentCache.__getitems__``: one sorted gather per shard from a
+memory map that stays open, whose pages are handed back to the system after every gather), so memory does not grow
+with the number of samples. On a GPU the whole cache is held in device memory when it fits (``DeviceLatentCache``):
+the DataLoader then gives only each batch's indices, and the rows are gathered on the device.
 
 The posterior's mean *and* std are cached and a fresh latent z = mean + std · ε is drawn every step, as LDM
 (``DiagonalGaussianDistribution.sample``) and Diffusers' ``train_text_to_image.py`` do, so caching does not
@@ -31,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -40,8 +43,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldm_pipeline.data import collate_examples, dataset_captions
-from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 from ldm_pipeline.durable import atomic_file, check_writable, remove_partial_files, write_json_atomic
+from ldm_pipeline.fast_path import resolve_fast_path
+from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 
 CACHE_FORMAT_VERSION = "3"
 MANIFEST = "manifest.json"
@@ -153,9 +157,11 @@ def damaged_shard_error(path: Path, reason: str) -> ValueError:
                       "shard is recomputed.")
 
 
-def verify_shard(path: Path, key: str) -> None:
-    """Check a shard's key and recompute the SHA-256 of its tensors against its metadata; the tensors are read
-    for the check and then dropped."""
+def load_verified_shard(path: Path, key: str) -> dict[str, torch.Tensor]:
+    """A shard's tensors, after checking its key and recomputing the SHA-256 of its tensors against its metadata."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Cache shard {path} is missing: run again (or training/cache_latents.py) to "
+                                "recompute it.")
     try:
         header, _ = read_header(path)
         metadata = json.loads(header["__metadata__"][SHARD_METADATA])
@@ -166,17 +172,33 @@ def verify_shard(path: Path, key: str) -> None:
         raise damaged_shard_error(path, f"it belongs to another cache, key {metadata.get('key')}")
     if hash_tensors(tensors) != metadata.get("sha256"):
         raise damaged_shard_error(path, "its checksum does not match its contents")
+    return tensors
 
 
-def gather_rows(path: Path, header: dict, data_start: int, name: str, rows: np.ndarray) -> np.ndarray:
-    """Rows ``rows`` (sorted) of tensor ``name`` of a safetensors file, read through a memory map that is closed
-    when this returns (pages touched by a map that stays open would stay in the process's memory)."""
-    entry = header[name]
-    mapped = np.memmap(path, dtype=SAFETENSORS_NUMPY_DTYPES[entry["dtype"]], mode="r",
-                       offset=data_start + entry["data_offsets"][0], shape=tuple(entry["shape"]))
-    rows_read = np.array(mapped[rows])
-    del mapped
-    return rows_read
+class MappedShard:
+    """One shard file, memory-mapped once per process, read by row gathers. After every gather its pages are handed
+    back (``madvise(MADV_DONTNEED)``; the system's file cache keeps them), so a map that stays open does not make
+    the process's memory grow with the rows it has read, and no file is reopened per batch."""
+
+    def __init__(self, path: Path):
+        self.header, data_start = read_header(path)
+        with open(path, "rb") as file:
+            self.map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        self.arrays = {}
+        for name, entry in self.header.items():
+            if name == "__metadata__":
+                continue
+            dtype = np.dtype(SAFETENSORS_NUMPY_DTYPES[entry["dtype"]])
+            count = math.prod(entry["shape"])
+            self.arrays[name] = np.frombuffer(self.map, dtype=dtype, count=count,
+                                              offset=data_start + entry["data_offsets"][0]).reshape(entry["shape"])
+
+    def gather(self, name: str, rows: np.ndarray | slice) -> np.ndarray:
+        """Rows ``rows`` (sorted indices or a slice) of tensor ``name``, copied out of the map."""
+        rows_read = np.array(self.arrays[name][rows])
+        if hasattr(self.map, "madvise"):
+            self.map.madvise(mmap.MADV_DONTNEED)
+        return rows_read
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -196,7 +218,11 @@ class ShardedLatentCache(torch.utils.data.Dataset):
         self.manifest = read_manifest(self.directory, key)
         self.key = key
         self.shard_size = self.manifest["shard_size"]
-        self._headers: dict[Path, tuple[dict, int]] = {}
+        self._shards: dict[Path, MappedShard] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:  # a DataLoader worker started by "spawn" maps the shards itself
+        return {**self.__dict__, "_shards": {}}
 
     def __len__(self) -> int:
         return self.manifest["num_samples"]
@@ -205,15 +231,14 @@ class ShardedLatentCache(torch.utils.data.Dataset):
     def num_shards(self) -> int:
         return self.manifest["num_sample_shards"] + self.manifest["num_text_shards"]
 
-    def _header(self, path: Path) -> tuple[dict, int]:
-        """The shard's header, read (and the shard verified, ``verify_shard``) the first time this object uses it."""
-        if path not in self._headers:
-            if not path.is_file():
-                raise FileNotFoundError(f"Cache shard {path} is missing: run again (or training/cache_latents.py) "
-                                        "to recompute it.")
-            verify_shard(path, self.key)
-            self._headers[path] = read_header(path)
-        return self._headers[path]
+    def _shard(self, path: Path) -> MappedShard:
+        """The shard, verified (``load_verified_shard``) and mapped the first time this process uses it."""
+        if self._pid != os.getpid():  # a forked DataLoader worker maps its own
+            self._shards, self._pid = {}, os.getpid()
+        if path not in self._shards:
+            load_verified_shard(path, self.key)
+            self._shards[path] = MappedShard(path)
+        return self._shards[path]
 
     def _gather(self, kind: str, names: Sequence[str], indices: np.ndarray) -> dict[str, np.ndarray]:
         """Rows ``indices`` of the ``kind`` shards' tensors ``names``, in the order of ``indices``: one sorted
@@ -223,10 +248,9 @@ class ShardedLatentCache(torch.utils.data.Dataset):
         for shard in np.unique(shards):
             positions = np.flatnonzero(shards == shard)
             unique_rows, inverse = np.unique(rows[positions], return_inverse=True)
-            path = shard_path(self.directory, kind, int(shard))
-            header, data_start = self._header(path)
+            shard_file = self._shard(shard_path(self.directory, kind, int(shard)))
             for name in names:
-                values = gather_rows(path, header, data_start, name, unique_rows)
+                values = shard_file.gather(name, unique_rows)
                 if name not in gathered:
                     gathered[name] = np.empty((len(indices), *values.shape[1:]), dtype=values.dtype)
                 gathered[name][positions] = values[inverse]
@@ -251,12 +275,71 @@ class ShardedLatentCache(torch.utils.data.Dataset):
 
     def empty_embeds(self) -> torch.Tensor:
         """Embedding of the empty prompt "", FloatTensor[L, D]."""
-        path = shard_path(self.directory, "text", 0)
-        header, data_start = self._header(path)
-        return torch.from_numpy(gather_rows(path, header, data_start, "empty_embeds", slice(None))).float()
+        return torch.from_numpy(self._shard(shard_path(self.directory, "text", 0)).gather("empty_embeds",
+                                                                                           slice(None))).float()
+
+    def fetch(self, batch: dict) -> dict:
+        """The training batch of what the DataLoader gave: here the rows themselves (see `DeviceLatentCache`)."""
+        return batch
 
     def size_on_disk(self) -> int:
         return sum(path.stat().st_size for path in self.directory.iterdir() if path.is_file())
+
+    def size_in_memory(self) -> int:
+        """Bytes of the whole cache as stored: posteriors, caption rows, distinct text embeddings."""
+        manifest = self.manifest
+        item = STORAGE_DTYPES[manifest["storage_dtype"]].itemsize
+        samples = manifest["num_samples"] * (2 * math.prod(manifest["latent_shape"]) * item + 8)
+        return samples + (manifest["num_captions"] + 1) * math.prod(manifest["text_shape"]) * item
+
+    def read_all(self, kind: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tensors ``names`` of every ``kind`` shard (verified), concatenated in row order."""
+        count = self.manifest["num_sample_shards" if kind == "samples" else "num_text_shards"]
+        shards = [load_verified_shard(shard_path(self.directory, kind, i), self.key) for i in range(count)]
+        return {name: torch.cat([shard[name] for shard in shards]) for name in names}
+
+
+class DeviceLatentCache(torch.utils.data.Dataset):
+    """A ``ShardedLatentCache`` held whole in ``device`` memory (in its storage dtype): the DataLoader gives each
+    batch's indices only (``__getitems__``, no worker needed) and ``fetch`` gathers the rows on the device, the same
+    values as the shards give (``latent_mean``, ``latent_std`` [B, C, h, w], ``prompt_embeds`` [B, L, D], float32)."""
+
+    def __init__(self, cache: ShardedLatentCache, device: torch.device | str):
+        self.device = torch.device(device)
+        samples = cache.read_all("samples", ("latent_mean", "latent_std", "caption_ids"))
+        text = cache.read_all("text", ("text_embeds",))
+        self.latent_mean, self.latent_std, self.caption_ids = (samples[name].to(self.device) for name in
+                                                               ("latent_mean", "latent_std", "caption_ids"))
+        self.text_embeds = text["text_embeds"].to(self.device)
+        self._empty_embeds = cache.empty_embeds().to(self.device)
+
+    def __len__(self) -> int:
+        return len(self.caption_ids)
+
+    def __getitems__(self, indices: Sequence[int]) -> dict:
+        return {"index": torch.as_tensor(indices, dtype=torch.int64)}
+
+    def fetch(self, batch: dict) -> dict:
+        index = batch["index"].to(self.device, non_blocking=True)
+        return {"latent_mean": self.latent_mean[index].float(), "latent_std": self.latent_std[index].float(),
+                "prompt_embeds": self.text_embeds[self.caption_ids[index]].float(), "index": index}
+
+    def empty_embeds(self) -> torch.Tensor:
+        return self._empty_embeds
+
+
+def device_cache_fits(cache: ShardedLatentCache, device: torch.device, share: float = 0.25) -> bool:
+    """Whether the whole cache takes at most ``share`` of the free memory of a CUDA ``device``."""
+    return device.type == "cuda" and cache.size_in_memory() <= share * torch.cuda.mem_get_info(device)[0]
+
+
+def training_cache(cache: ShardedLatentCache, device: torch.device, on_device: bool | None):
+    """The cache a run trains from: held on ``device`` (``DeviceLatentCache``) when ``on_device`` is True, or when
+    it is None (the default) and ``device`` is a GPU the cache fits (``device_cache_fits``); else read from the
+    shards."""
+    if on_device or (on_device is None and device_cache_fits(cache, device)):
+        return DeviceLatentCache(cache, device)
+    return cache
 
 
 def read_manifest(directory: Path, key: str) -> dict:
@@ -286,10 +369,12 @@ def shards_of(num_rows: int, shard_size: int, process_index: int, num_processes:
 
 @torch.no_grad()
 def compute_sample_shard(dataset, collate_fn: Callable, vae, caption_rows: dict[str, int], start: int, stop: int,
-                         batch_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """VAE posteriors and caption rows of samples [start, stop), in batches of ``batch_size`` from ``start``."""
+                         batch_size: int, dtype: torch.dtype, num_workers: int = 0) -> dict[str, torch.Tensor]:
+    """VAE posteriors and caption rows of samples [start, stop), in batches of ``batch_size`` from ``start`` (made
+    by ``num_workers`` DataLoader workers, in order)."""
     subset = torch.utils.data.Subset(dataset, range(start, stop))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                                         num_workers=num_workers)
     means, stds, ids = [], [], []
     for batch in loader:
         mean, std = encode_posterior(vae, batch["pixel_values"])
@@ -325,7 +410,7 @@ def agree_across_processes(accelerator, num_samples: int, key: str, complete: bo
 
 def build_cache(directory: Path, key: str, dataset, collate_fn: Callable, vae, text_encoder, tokenizer,
                 captions: Sequence[str], shard_size: int, batch_size: int, dtype: torch.dtype,
-                process_index: int = 0, num_processes: int = 1) -> int:
+                process_index: int = 0, num_processes: int = 1, num_workers: int = 0) -> int:
     """Compute this process's missing shards (``shards_of``) of the cache in ``directory``; returns how many.
 
     ``captions`` are the samples' captions in dataset order (``dataset_captions``); their sorted distinct values
@@ -340,7 +425,7 @@ def build_cache(directory: Path, key: str, dataset, collate_fn: Callable, vae, t
         remove_partial_files(path)
         start, stop = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
         write_shard(path, compute_sample_shard(dataset, collate_fn, vae, caption_rows, start, stop, batch_size,
-                                               dtype), key)
+                                               dtype, num_workers), key)
         computed += 1
     for shard in shards_of(len(distinct), shard_size, process_index, num_processes):
         path = shard_path(directory, "text", shard)
@@ -412,9 +497,10 @@ def open_or_build_cache(config, accelerator, dataset, vae, text_encoder, tokeniz
     accelerator.print(f"Computing latent/text cache {directory}: {len(dataset)} samples, {num_captions} distinct "
                       f"captions, shards of {args.cache_shard_size}, {accelerator.num_processes} process(es); "
                       "finished shards are kept.")
+    workers = resolve_fast_path(args, accelerator.device).dataloader_num_workers  # render images in workers on a GPU
     computed = build_cache(directory, key, dataset, collate_examples, vae, text_encoder, tokenizer, captions,
                            args.cache_shard_size, args.cache_batch_size, STORAGE_DTYPES[args.cache_dtype],
-                           accelerator.process_index, accelerator.num_processes)
+                           accelerator.process_index, accelerator.num_processes, workers)
     accelerator.print(f"Process {accelerator.process_index} computed {computed} shard(s); waiting for the others.")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not manifest_path.is_file():

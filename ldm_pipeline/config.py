@@ -130,17 +130,46 @@ class TrainingConfig:
     adam_beta2: float = option(0.999, "AdamW beta2.", ge=0, le=1)
     adam_weight_decay: float = option(0.0, "AdamW decoupled weight decay.", ge=0)
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer update.", gt=0)
-    mixed_precision: str = option("no", "fp16/bf16 are for GPUs; on a CPU train in fp32 ('no').",
-                                  choices=("no", "fp16", "bf16"))
+    mixed_precision: str = option("auto", "Autocast precision. auto (the default): bf16 on a CUDA GPU that "
+                                          "supports it, else fp32 ('no'); fp16/bf16 need a GPU.",
+                                  choices=("auto", "no", "fp16", "bf16"))
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0: no clipping).", ge=0)
     checkpointing_steps: int = option(500, "Save a resumable state every N steps.", gt=0, run_only=True)
     checkpoints_total_limit: int | None = option(2, "Keep at most this many checkpoints.", gt=0, run_only=True)
     resume_from_checkpoint: str | None = option(None, 'A checkpoint directory, or "latest" for the newest one in '
                                                       "OUTPUT_DIR/checkpoints.", run_only=True)
-    dataloader_num_workers: int = option(0, "DataLoader worker processes.", ge=0, run_only=True)
+    dataloader_num_workers: int | None = option(None, "DataLoader worker processes, which make the batches while "
+                                                      "the loop trains. Default: 0 on a CPU (the batches are made "
+                                                      "in the training process), on a GPU half of the process's "
+                                                      "share of the cores, 1 to 8.", ge=0, run_only=True)
     num_threads: int = option(0, "Intra-op CPU threads. 0 (the default): auto, one per core that other processes "
                                  "leave free, re-checked every few seconds, at most OMP_NUM_THREADS when set; N: "
                                  "exactly N (runs then agree bit for bit). Ignored on GPUs.", ge=0, run_only=True)
+    logging_steps: int | None = option(None, "Read the losses from the device, check them for NaN/inf and log "
+                                             "their mean every N steps (and before every checkpoint and the final "
+                                             "save). Default: 1 on a CPU, where a non-finite loss stops the run "
+                                             "before its update is applied; 50 on a GPU, where each read waits for "
+                                             "the device: a non-finite loss then stops the run at the next read, "
+                                             "naming the step it first appeared, before anything is saved.",
+                                         gt=0, run_only=True)
+    pin_memory: bool | None = option(None, "Batches in pinned host memory, copied to the GPU without blocking "
+                                           "(default: on with CUDA).", run_only=True)
+    device_random_draws: bool | None = option(None, "Draw each step's noise, timesteps and caption dropout on the "
+                                                    "GPU from a generator seeded per step, as on a CPU (default: "
+                                                    "on with CUDA; exact resume holds, but the numbers differ from "
+                                                    "a CPU run's).", run_only=True)
+    allow_tf32: bool | None = option(None, "TF32 matrix products and convolutions for the fp32 parts of a CUDA "
+                                           "run (default: on with CUDA).", run_only=True)
+    adamw_implementation: str = option("auto", "AdamW kernel: auto (fused on CUDA, PyTorch's default on a CPU), "
+                                               "default, for-loop, foreach or fused.",
+                                       choices=("auto", "default", "for-loop", "foreach", "fused"), run_only=True)
+    ema_foreach: bool | None = option(None, "Update the --use_ema average with multi-tensor (foreach) kernels "
+                                            "(default: on with CUDA).", run_only=True)
+    channels_last: bool = option(False, "Store the convolutional models' weights and activations in NHWC order "
+                                        "(measure it: benchmarks/bench_step_options.py).", run_only=True)
+    torch_compile: str = option("no", "torch.compile the trained models: no, default, reduce-overhead (CUDA graphs) "
+                                      "or max-autotune (measure it first: the compile takes minutes).",
+                                choices=("no", "default", "reduce-overhead", "max-autotune"), run_only=True)
     report_to: str = option("tensorboard", "Trackers: tensorboard, all or none.",
                             choices=("tensorboard", "all", "none"), run_only=True)
     logging_dir: str | None = option(None, "Tensorboard directory (default OUTPUT_DIR/logs).", run_only=True)
@@ -220,6 +249,9 @@ class UNetTrainingConfig(TrainingConfig):
     cache_dtype: str = option("float32", "Storage dtype of the cached VAE posteriors (float16 halves the cache; "
                                          "its error is printed by benchmarks/bench_scale.py).",
                               choices=("float32", "float16"))
+    cache_on_device: bool | None = option(None, "Hold the whole latent/text cache in GPU memory when it takes at "
+                                                "most a quarter of the free memory, and gather each batch there "
+                                                "(default: on with CUDA).", run_only=True)
     cache_shard_size: int = option(1024, "Samples (and distinct captions) per cache shard file.", gt=0,
                                    run_only=True)
     snapshot_steps: int | None = option(None, "Every N steps also save the (EMA) U-Net alone to "

@@ -111,22 +111,29 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     raise ValueError(f"prediction_type {prediction_type!r} is not supported: use one of {list(PREDICTION_TYPES)}.")
 
 
+def draw_device(generator: torch.Generator | None) -> torch.device:
+    """Where a draw from ``generator`` is made: its own device (a CPU one, or a GPU one on the fast path)."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def sample_noise(
     shape: Sequence[int], generator: torch.Generator | None = None, noise_offset: float = 0.0,
     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """ε ~ N(0, I), plus offset noise ``noise_offset · N(0, 1)`` shared by all pixels of a channel (shape
-    ``[B, C, 1, 1]``; Guttenberg 2023) which lets the model change the mean brightness of an image."""
-    noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    ``[B, C, 1, 1]``; Guttenberg 2023) which lets the model change the mean brightness of an image. Drawn on the
+    generator's device (`draw_device`), then moved to ``device``."""
+    noise = torch.randn(shape, generator=generator, dtype=dtype, device=draw_device(generator)).to(device)
     if noise_offset:
-        offset = torch.randn((shape[0], shape[1], *([1] * (len(shape) - 2))), generator=generator, dtype=dtype)
+        offset = torch.randn((shape[0], shape[1], *([1] * (len(shape) - 2))), generator=generator, dtype=dtype,
+                             device=draw_device(generator))
         noise = noise + noise_offset * offset.to(device)
     return noise
 
 
 def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """t ~ Uniform{0, ..., T-1} (Diffusers' 0-based index of DDPM's t ∈ {1, ..., T})."""
-    return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+    """t ~ Uniform{0, ..., T-1} (Diffusers' 0-based index of DDPM's t ∈ {1, ..., T}), on the generator's device."""
+    return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=draw_device(generator))
 
 
 def caption_dropout_mask(batch_size: int, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -137,7 +144,7 @@ def caption_dropout_mask(batch_size: int, probability: float, generator: torch.G
     """
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"caption_dropout_prob must be in [0, 1], got {probability}.")
-    return torch.rand(batch_size, generator=generator) < probability
+    return torch.rand(batch_size, generator=generator, device=draw_device(generator)) < probability
 
 
 def diffusion_loss(

@@ -30,9 +30,9 @@ class StreamLoader:
     (``stream_state_{process}.json``) and restored on resume (`stream_train_batches`).
     """
 
-    def __init__(self, dataset, batch_size: int, collate_fn, num_workers: int, seed: int):
+    def __init__(self, dataset, batch_size: int, collate_fn, num_workers: int, seed: int, pin_memory: bool = False):
         self.dataset, self.batch_size, self.collate_fn = dataset, batch_size, collate_fn
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
         self.epoch, self.position = 0, 0
 
     def epoch_batches(self, epoch: int) -> Iterator[dict]:
@@ -40,7 +40,8 @@ class StreamLoader:
         self.dataset.set_epoch(epoch)
         return iter(torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, collate_fn=self.collate_fn, drop_last=True,
-            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)))
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -50,7 +51,8 @@ class StreamLoader:
 
 
 def stream_train_batches(loader: StreamLoader, start_step: int, max_train_steps: int,
-                         gradient_accumulation_steps: int = 1, device=None) -> Iterator[dict]:
+                         gradient_accumulation_steps: int = 1, device=None, non_blocking: bool = False
+                         ) -> Iterator[dict]:
     """The micro-batches of a stream from optimizer step ``start_step`` to ``max_train_steps``.
 
     Epoch ``e`` is the stream reshuffled with ``seed + e``, read to its end; then ``e + 1`` begins (processes may
@@ -72,7 +74,7 @@ def stream_train_batches(loader: StreamLoader, start_step: int, max_train_steps:
                                  "same shards, or start over with --overwrite_output_dir.")
         for batch in batches:
             loader.position += 1
-            yield send_to_device(batch, device) if device is not None else batch
+            yield send_to_device(batch, device, non_blocking=non_blocking) if device is not None else batch
             micro_step += 1
             if micro_step >= last_micro_step:
                 return

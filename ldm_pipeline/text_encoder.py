@@ -479,7 +479,7 @@ def caption_targets(num_captions: int, same_caption: torch.Tensor | None, like: 
     """``T`` [B, B]: the identity without ``same_caption``, else ``T_ij = same_ij / Σ_k same_ik``."""
     if same_caption is None:
         return torch.eye(num_captions, device=like.device, dtype=like.dtype)
-    same = same_caption.to(device=like.device, dtype=like.dtype)
+    same = same_caption.to(device=like.device, dtype=like.dtype, non_blocking=True)
     return same / same.sum(dim=1, keepdim=True)
 
 
@@ -648,6 +648,22 @@ def retrieval_accuracy(
     metrics = {f"top{kk}": hits[:, :kk].any(dim=1).float().mean().item() for kk in k}
     metrics["chance_top1"] = correct.float().mean(dim=1).mean().item()
     return metrics
+
+
+class CollateWithTokens:
+    """The DataLoader's ``collate_fn`` of the contrastive stage: ``collate_examples`` plus the captions' tokens
+    (``input_ids``, ``attention_mask`` [B, L], ``tokenize_prompts``), so that DataLoader workers tokenize, not the
+    training loop (256 captions cost milliseconds of the host's time per step)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict]) -> dict:
+        from ldm_pipeline.data import collate_examples
+
+        batch = collate_examples(items)
+        tokens = tokenize_prompts(self.tokenizer, batch["captions"])
+        return {**batch, "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
 def gather_captions(accelerator, captions: Sequence[str]) -> list[str]:

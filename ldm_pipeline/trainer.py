@@ -26,14 +26,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
 from ldm_pipeline.checkpoints import (
@@ -47,6 +48,13 @@ from ldm_pipeline.checkpoints import (
 )
 from ldm_pipeline.config import StageConfig
 from ldm_pipeline.durable import JsonlLogger, check_writable, write_json_atomic
+from ldm_pipeline.fast_path import (
+    adamw_options,
+    dynamo_plugin,
+    resolve_fast_path,
+    set_tf32,
+    to_channels_last,
+)
 from ldm_pipeline.stream_loading import (
     StreamLoader,
     check_same_shards,
@@ -148,14 +156,22 @@ def step_generator(seed: int, process_index: int, micro_step: int) -> torch.Gene
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+NON_FINITE_ADVICE = ("Checkpoints saved so far are intact; lower --learning_rate or check the data, then resume "
+                     "with --resume_from_checkpoint latest.")
+
+
 def check_finite_loss(loss: torch.Tensor, global_step: int) -> None:
-    """Stop training on a NaN or infinite loss, before the bad update is applied or saved."""
+    """Stop training on a NaN or infinite loss, before the bad update is applied or saved (reads the loss: a host
+    sync on a GPU)."""
     if not torch.isfinite(loss).all():
-        raise NonFiniteLossError(
-            f"Loss is {loss.item()} at step {global_step}: training stopped before applying this update. "
-            "Checkpoints saved so far are intact; lower --learning_rate or check the data, then resume with "
-            "--resume_from_checkpoint latest."
-        )
+        raise NonFiniteLossError(f"Loss is {loss.item()} at step {global_step}: training stopped before applying this "
+                                 f"update. {NON_FINITE_ADVICE}")
+
+
+def first_non_finite_step(first: torch.Tensor, loss: torch.Tensor, global_step: int) -> torch.Tensor:
+    """``first`` (a 0-d int64 tensor, -1 while every loss was finite) updated with ``loss`` of ``global_step``: the
+    first step whose loss was NaN or infinite, recorded on the loss's device without reading it."""
+    return torch.where((first < 0) & ~torch.isfinite(loss.detach()).all(), global_step, first)
 
 
 # --------------------------------------------------------------------------------------------------- EMA
@@ -188,15 +204,25 @@ class StageTrainer:
         self.stage = config.stage
         self.output_dir = Path(args.output_dir)
         report_to = None if args.report_to == "none" else args.report_to
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            mixed_precision=args.mixed_precision,
-            log_with=report_to,
-            project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir),
-        )
-        if self.accelerator.device.type == "cpu" and args.mixed_precision != "no":
+        # The device, which the fast path's switches depend on (ldm_pipeline.fast_path), as the Accelerator sees it.
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+        if state.device.type == "cpu" and args.mixed_precision not in ("auto", "no"):
             raise ValueError(f"--mixed_precision {args.mixed_precision} was asked for on a CPU: train in fp32 "
                              "(--mixed_precision no).")
+        local_processes = min(state.num_processes, max(1, torch.cuda.device_count()))
+        self.fast = fast = resolve_fast_path(args, state.device, local_processes)
+        args.mixed_precision = fast.mixed_precision  # the fingerprint records the precision used, not "auto"
+        compile_plugin = dynamo_plugin(fast.torch_compile)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=fast.mixed_precision,
+            log_with=report_to,
+            project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir),
+            dataloader_config=DataLoaderConfiguration(non_blocking=fast.pin_memory),
+            **({"dynamo_plugin": compile_plugin} if compile_plugin is not None else {}),
+        )
+        if fast.cuda:
+            set_tf32(fast.allow_tf32)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         set_seed(args.seed)
         check_writable(self.output_dir, "--output_dir")  # every process checks: none is left waiting for one
@@ -207,7 +233,11 @@ class StageTrainer:
         self.micro_step = 0
         self.ema = None
         self.fingerprint: dict | None = None
-        self._running: dict[str, float] = {}
+        self._device_sums: dict[str, torch.Tensor] = {}  # logged values since the last read, summed on the device
+        self._host_sums: dict[str, float] = {}           # logged Python numbers since the last read
+        self._steps_since_read = 0
+        self._parameters: dict[int, list[torch.nn.Parameter]] = {}
+        self._first_non_finite: torch.Tensor | None = None  # the first step with a NaN/inf loss (-1: none)
         self._elapsed_before = 0.0
         self._data_fingerprint: str | None = None
         self.dataset = None
@@ -246,13 +276,18 @@ class StageTrainer:
                               "--output_dir to keep it, or --overwrite_output_dir to discard it.")
 
     def prepare(self, *objects):
+        """``accelerator.prepare``; with ``--channels_last`` the models' 4-D weights are first stored NHWC."""
+        if self.fast.channels_last:
+            objects = tuple(to_channels_last(o) if isinstance(o, torch.nn.Module) else o for o in objects)
         return self.accelerator.prepare(*objects)
 
     def adamw(self, parameters, learning_rate: float | None = None) -> torch.optim.AdamW:
-        """AdamW with the configured betas and weight decay (``learning_rate`` defaults to the configured one)."""
+        """AdamW with the configured betas and weight decay (``learning_rate`` defaults to the configured one), in
+        the ``--adamw_implementation`` of the fast path (fused on CUDA)."""
         return torch.optim.AdamW(parameters, lr=learning_rate or self.args.learning_rate,
                                  betas=(self.args.adam_beta1, self.args.adam_beta2),
-                                 weight_decay=self.args.adam_weight_decay)
+                                 weight_decay=self.args.adam_weight_decay,
+                                 **adamw_options(self.fast.adamw_implementation))
 
     def lr_schedule(self, optimizer: torch.optim.Optimizer, name: str | None = None):
         """The configured ``diffusers.optimization`` schedule over ``max_train_steps`` (counted per process, as
@@ -264,9 +299,11 @@ class StageTrainer:
                              num_warmup_steps=self.args.lr_warmup_steps * num_processes,
                              num_training_steps=self.args.max_train_steps * num_processes)
 
-    def dataloader(self, dataset, collate_fn=None) -> tuple[torch.utils.data.DataLoader, EpochShuffleSampler]:
+    def dataloader(self, dataset, collate_fn=None, num_workers: int | None = None
+                   ) -> tuple[torch.utils.data.DataLoader, EpochShuffleSampler]:
         """A training loader over ``dataset`` in the order of an ``EpochShuffleSampler`` (exact resume), full
-        batches only; its workers draw their seeds from a generator of their own, not from the global RNG.
+        batches only; its workers (``num_workers``, default the fast path's; kept for the whole run) draw their
+        seeds from a generator of their own, not from the global RNG; batches are pinned on CUDA.
 
         A stream (``ldm_pipeline.data.StreamingImageCaptionDataset``, --streaming) gives ``(StreamLoader, None)``
         instead: the processes first check that they see the same shards (`check_same_shards`), then each one
@@ -274,9 +311,11 @@ class StageTrainer:
         if hasattr(dataset, "for_training"):
             return self._stream_loader(dataset, collate_fn), None
         sampler = EpochShuffleSampler(len(dataset), self.args.seed)
+        workers = self.fast.dataloader_num_workers if num_workers is None else num_workers
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.args.train_batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=True,
-            num_workers=self.args.dataloader_num_workers, generator=torch.Generator().manual_seed(self.args.seed))
+            num_workers=workers, persistent_workers=workers > 0, pin_memory=self.fast.pin_memory,
+            generator=torch.Generator().manual_seed(self.args.seed))
         return loader, sampler
 
     def _stream_loader(self, dataset, collate_fn) -> StreamLoader:
@@ -286,8 +325,8 @@ class StageTrainer:
         if self.accelerator.num_processes > 1:
             self.print(f"Streaming {len(dataset.files)} shard(s) split across {self.accelerator.num_processes} "
                        f"processes by {share.split_strategy}.")
-        loader = StreamLoader(share, self.args.train_batch_size, collate_fn, self.args.dataloader_num_workers,
-                              self.args.seed)
+        loader = StreamLoader(share, self.args.train_batch_size, collate_fn, self.fast.dataloader_num_workers,
+                              self.args.seed, self.fast.pin_memory)
         register_stream_for_checkpointing(self.accelerator, loader)
         return loader
 
@@ -297,10 +336,11 @@ class StageTrainer:
             return None
         from diffusers.training_utils import EMAModel
 
-        self.ema = EMAModel(model.parameters(), decay=self.args.ema_decay, model_cls=model_cls,
-                            model_config=model.config)
+        self.ema = EMAModel(model.parameters(), decay=self.args.ema_decay, foreach=self.fast.ema_foreach,
+                            model_cls=model_cls, model_config=model.config)
         self.ema.to(self.device)
         self._ema_target = model
+        self._ema_parameters = list(model.parameters())  # listed once: walking the modules costs every step
         register_ema_for_checkpointing(self.accelerator, self.ema, model_cls, subfolder)
         return self.ema
 
@@ -346,7 +386,7 @@ class StageTrainer:
         ``stream_train_batches`` for a `StreamLoader`)."""
         if isinstance(dataloader, StreamLoader):
             source = stream_train_batches(dataloader, self.global_step, self.args.max_train_steps,
-                                          self.args.gradient_accumulation_steps, self.device)
+                                          self.args.gradient_accumulation_steps, self.device, self.fast.pin_memory)
         else:
             source = (batch for _, batch in train_batches(self.accelerator, dataloader, sampler, self.global_step,
                                                           self.args.max_train_steps,
@@ -361,13 +401,19 @@ class StageTrainer:
                 return
             self._batch_ready_at = time.perf_counter()
             self.loop_seconds["data"] += self._batch_ready_at - requested_at
+            if self.fast.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the graphs' outputs of the last step may be reused
             yield batch
             self.micro_step += 1
 
     def generator(self) -> torch.Generator:
-        """The CPU generator of the current micro-batch's random draws (``step_generator``), the same in every
-        process: draws are made for the global batch and each process keeps its rows (``global_rows``)."""
-        return step_generator(self.args.seed, 0, self.micro_step)
+        """The generator of the current micro-batch's random draws (``step_generator``), the same in every process:
+        draws are made for the global batch and each process keeps its rows (``global_rows``). On the CPU, or with
+        ``--device_random_draws`` on the GPU, seeded with the same number."""
+        generator = step_generator(self.args.seed, 0, self.micro_step)
+        if not self.fast.device_random_draws:
+            return generator
+        return torch.Generator(self.device).manual_seed(generator.initial_seed())
 
     def global_rows(self, local_batch: int) -> tuple[int, slice]:
         """``(global_batch, rows)``: the size of the batch over all processes and this process's rows of it.
@@ -386,18 +432,34 @@ class StageTrainer:
         A sample's draw does not depend on how the global batch is split over processes, and an exact resume
         redraws it (``generator`` is the step's, ``self.generator()``)."""
         global_batch, rows = self.global_rows(local_shape[0])
-        return draw((global_batch, *local_shape[1:]), generator=generator)[rows]
+        return draw((global_batch, *local_shape[1:]), generator=generator, device=generator.device)[rows]
 
     def backward(self, loss: torch.Tensor, model: torch.nn.Module) -> None:
-        """Stop on a non-finite loss; backpropagate; clip the gradient norm to ``max_grad_norm`` on an update."""
-        check_finite_loss(loss, self.global_step)
+        """Stop on a non-finite loss; backpropagate; clip the gradient norm to ``max_grad_norm`` on an update.
+
+        With ``logging_steps`` 1 (a CPU's default) the loss is checked here, before its update is applied. Otherwise
+        the first step with a non-finite loss is only recorded on the device, and the run stops when the losses are
+        next read (``read_losses``: every ``logging_steps``, before every checkpoint and the final save)."""
+        if self.fast.logging_steps == 1:
+            check_finite_loss(loss, self.global_step)
+        else:
+            if self._first_non_finite is None:
+                self._first_non_finite = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self._first_non_finite = first_non_finite_step(self._first_non_finite, loss, self.global_step)
         self.accelerator.backward(loss)
         if self.accelerator.sync_gradients and self.args.max_grad_norm:
-            self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+            self.accelerator.clip_grad_norm_(self.parameters_of(model), self.args.max_grad_norm)
+
+    def parameters_of(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """``list(model.parameters())``, listed once per model (a walk over a U-Net's modules costs a millisecond)."""
+        if id(model) not in self._parameters:
+            self._parameters[id(model)] = list(model.parameters())
+        return self._parameters[id(model)]
 
     def end_micro_step(self, **values: torch.Tensor | float) -> bool:
-        """Average ``values`` over processes and accumulation steps; after an optimizer update (True) advance the
-        step, update the EMA, log, and save a checkpoint when one is due. The loop's time is split three ways
+        """Add ``values`` (tensors on the device, numbers on the host: nothing is read) to the sums of the steps
+        since the last read; after an optimizer update (True) advance the step, update the EMA, and when due read
+        and log the losses (``read_losses``) and save a checkpoint. The loop's time is split three ways
         (``loop_seconds``, in the stage's metrics): waiting for the batch, the step itself (from the batch to this
         call) and the work around the step (from this call to the next batch request: EMA, logs, checkpoints,
         snapshots, validation)."""
@@ -406,30 +468,67 @@ class StageTrainer:
             self.loop_seconds["step"] += self._step_done_at - self._batch_ready_at
         if self.threads is not None:
             self.threads.maybe_adjust()
-        names = sorted(values)
-        stacked = torch.stack([torch.as_tensor(values[n], device=self.device).detach().float().reshape(())
-                               for n in names])
-        for name, value in zip(names, self.accelerator.reduce(stacked, "mean").tolist()):
-            self._running[name] = self._running.get(name, 0.0) + value / self.args.gradient_accumulation_steps
+        accumulation = self.args.gradient_accumulation_steps
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float().reshape(()) / accumulation
+                self._device_sums[name] = value if name not in self._device_sums else self._device_sums[name] + value
+            else:
+                self._host_sums[name] = self._host_sums.get(name, 0.0) + value / accumulation
         if not self.accelerator.sync_gradients:
             return False
         self.global_step += 1
+        self._steps_since_read += 1
         if self.ema is not None:
-            self.ema.step(self._ema_target.parameters())
-        elapsed = self._elapsed_before + time.perf_counter() - self.start_time
+            self.ema.step(self._ema_parameters)
         self.progress.update(1)
-        self.progress.set_postfix(loss=f"{self._running.get('loss', float('nan')):.4f}")
-        self.accelerator.log({f"train/{k}": v for k, v in self._running.items()}, step=self.global_step)
-        self.history.log(step=self.global_step, **self._running, elapsed_s=round(elapsed, 3))
-        self._running = {}
-        if self.global_step % self.args.checkpointing_steps == 0:
+        checkpoint_due = self.global_step % self.args.checkpointing_steps == 0
+        if checkpoint_due or self.every(self.fast.logging_steps):
+            self.read_losses()
+        if checkpoint_due:
             save_checkpoint(self.accelerator, self.output_dir, self.global_step, self.args.checkpoints_total_limit,
                             self.fingerprint)
         return True
 
+    def read_losses(self) -> dict[str, float]:
+        """Read the summed values of the steps since the last read (one host sync), average them over those steps
+        and over processes, stop on a non-finite loss (``NonFiniteLossError``, naming the step it first appeared),
+        and log the means at the current step (progress bar, trackers, ``train_log.jsonl``). Called every
+        ``logging_steps``, before every checkpoint and before the final save."""
+        steps, self._steps_since_read = self._steps_since_read, 0
+        if not steps:
+            return {}
+        names = sorted(self._device_sums)
+        means = {}
+        if names:
+            stacked = torch.stack([self._device_sums[name] for name in names])
+            reduced = self.accelerator.reduce(stacked, "mean")
+            first = self._first_non_finite if self._first_non_finite is not None else torch.full_like(reduced[0], -1)
+            *sums, first_step = torch.cat([reduced, first.to(reduced.dtype).reshape(1)]).tolist()
+            means = {name: total / steps for name, total in zip(names, sums)}
+            if first_step >= 0 or not math.isfinite(means.get("loss", 0.0)):
+                where = f"at step {int(first_step)}" if first_step >= 0 else "in another process"
+                raise NonFiniteLossError(f"Loss is not finite {where} (found when the losses were read at step "
+                                         f"{self.global_step}): training stopped before saving. {NON_FINITE_ADVICE}")
+        means.update({name: total / steps for name, total in self._host_sums.items()})
+        self._device_sums, self._host_sums = {}, {}
+        elapsed = self._elapsed_before + time.perf_counter() - self.start_time
+        self.progress.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
+        self.accelerator.log({f"train/{k}": v for k, v in means.items()}, step=self.global_step)
+        self.history.log(step=self.global_step, **means, elapsed_s=round(elapsed, 3))
+        return means
+
     def every(self, steps: int | None) -> bool:
         """True when ``steps`` is set and the current step is a multiple of it."""
         return bool(steps) and self.global_step % steps == 0
+
+    def save_due(self, steps: int | None) -> bool:
+        """``every(steps)`` for a save of weights (a snapshot): when due, the losses are read first, so a
+        non-finite loss stops the run before it is saved."""
+        due = self.every(steps)
+        if due:
+            self.read_losses()
+        return due
 
     def validation_due(self) -> bool:
         """Every ``validation_steps``, except the last step: the final save validates."""
@@ -476,6 +575,7 @@ class StageTrainer:
         ``OUTPUT_DIR/<stage>_metrics.json``; a model card (``README.md``) describes the output, and
         ``--push_to_hub`` uploads it. Then the trackers stop. ``card_stage_dirs`` names the outputs of the other
         stages the card describes (the U-Net stage's pipeline holds all three)."""
+        self.read_losses()  # the steps since the last read: checked before anything is saved
         self.progress.close()
         self.train_seconds = train_seconds = time.perf_counter() - self.start_time
         self.accelerator.wait_for_everyone()
@@ -490,6 +590,8 @@ class StageTrainer:
                 self.print(skipped)
             if self.threads is not None:
                 metrics["threads"] = self.threads.summary()
+            if self.fast.cuda:
+                metrics["fast_path"] = self.fast.summary()
             total = sum(self.loop_seconds.values())
             if total > 0:
                 metrics["loop_seconds"] = {name: round(seconds, 2) for name, seconds in self.loop_seconds.items()}

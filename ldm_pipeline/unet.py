@@ -64,6 +64,7 @@ class DenoisingObjective:
 
     def __init__(self, noise_scheduler: DDPMScheduler, snr_gamma: float | None = None, noise_offset: float = 0.0):
         self.alphas_cumprod = noise_scheduler.alphas_cumprod
+        self._alphas_cumprod_on: dict[torch.device, torch.Tensor] = {}  # copied to a device once, not every step
         self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
         self.prediction_type = noise_scheduler.config.prediction_type
         self.snr_gamma = snr_gamma
@@ -74,7 +75,9 @@ class DenoisingObjective:
         """The loss of ``latents`` [B, C, h, w]. ε and t are drawn for a ``global_batch`` (default B) of which these
         latents are ``rows`` (see ``StageTrainer.global_rows``)."""
         device = latents.device
-        alphas_cumprod = self.alphas_cumprod.to(device)
+        if device not in self._alphas_cumprod_on:
+            self._alphas_cumprod_on[device] = self.alphas_cumprod.to(device)
+        alphas_cumprod = self._alphas_cumprod_on[device]
         global_batch = global_batch or latents.shape[0]
         rows = rows or slice(0, latents.shape[0])
         noise = sample_noise((global_batch, *latents.shape[1:]), generator, self.noise_offset, device=device)[rows]

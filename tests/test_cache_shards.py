@@ -147,15 +147,46 @@ def test_getitems_gathers_the_same_rows_as_per_item_access(built, reference):
     first = next(iter(loader))
     assert torch.equal(first["latent_std"], reference["std"][:5]) and first["index"].tolist() == [0, 1, 2, 3, 4]
 
+    held = caching.training_cache(cache, torch.device("cpu"), on_device=True)  # what a GPU run holds in its memory
+    assert isinstance(held, caching.DeviceLatentCache) and caching.training_cache(cache, torch.device("cpu"), None) is cache
+    loader = torch.utils.data.DataLoader(held, batch_size=len(indices), sampler=indices, collate_fn=caching.collate_gathered)
+    [only] = list(loader)
+    assert sorted(only) == ["index"], "the loader of a held cache moves indices only"
+    fetched = held.fetch(only)
+    for name in ("latent_mean", "latent_std", "prompt_embeds", "index"):
+        assert torch.equal(fetched[name], batch[name]), name
+    assert torch.equal(held.empty_embeds(), reference["empty"]) and len(held) == len(cache)
+    assert cache.size_in_memory() == sum(t.numel() * t.element_size() for t in (
+        held.latent_mean, held.latent_std, held.caption_ids, held.text_embeds, held.empty_embeds()))
 
-@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc/self/maps")
-def test_reads_leave_no_shard_mapped(built):
-    """A memory map left open would keep every page it touched in the process's memory: each gather closes its map."""
+
+def resident_kib_of_maps_under(directory: Path) -> dict[str, int]:
+    """``{file: Rss in KiB}`` of this process's memory maps of files under ``directory`` (``/proc/self/smaps``)."""
+    resident, current = {}, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and "-" in fields[0]:  # a mapping's header line: address perms offset dev inode path
+            current = fields[5] if fields[5].startswith(str(directory)) else None
+        elif current is not None and fields[0] == "Rss:":
+            resident[current] = resident.get(current, 0) + int(fields[1])
+    return resident
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux's /proc/self/smaps")
+def test_reads_keep_the_shards_mapped_without_keeping_their_pages(built):
+    """The shards stay mapped (no file is reopened per batch), but every gather hands their pages back, so the
+    process's memory does not grow with the rows it has read."""
     _, _, directory = built
     cache = ShardedLatentCache(directory, json.loads((directory / MANIFEST).read_text())["key"])
-    batch = cache.__getitems__(list(range(NUM_SAMPLES)))
+    for _ in range(2):
+        batch = cache.__getitems__(list(range(NUM_SAMPLES)))
     assert batch["latent_mean"].shape[0] == NUM_SAMPLES
-    assert str(directory) not in Path("/proc/self/maps").read_text()
+    resident = resident_kib_of_maps_under(directory)
+    assert len(resident) == len(list(directory.glob("*.safetensors"))), resident
+    assert sum(resident.values()) == 0, resident
+    touched = next(iter(cache._shards.values()))
+    np.asarray(touched.arrays["latent_mean" if "latent_mean" in touched.arrays else "text_embeds"]).sum()
+    assert sum(resident_kib_of_maps_under(directory).values()) > 0, "a read without handing back keeps its pages"
 
 
 def count_vae_encodes(monkeypatch) -> dict:

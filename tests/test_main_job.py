@@ -48,6 +48,30 @@ def test_skip_existing_reuses_finished_stages(tmp_path, monkeypatch):
     assert any("train_vae.py" in s for s in scripts) and any("train_unet.py" in s for s in scripts)
 
 
+def test_gpu_demo_recipe_passes_threads_and_extra_flags_to_its_stages(tmp_path, monkeypatch):
+    """configs/gpu_demo through the same recipe: the thread count of every training launch, the extra training flags
+    after each config (a CPU dry run: few steps, fp32) and the extra evaluation flags after eval.json's."""
+    launched = []
+    monkeypatch.setattr(run_demo, "run", lambda command, log_path: launched.append(command) or 1.0)
+    summary = run_demo.main(["--config_dir", str(REPO / "configs" / "gpu_demo"), "--output_dir", str(tmp_path),
+                             "--num_cpu_threads_per_process", "1", "--train_args", "--max_train_steps 3 "
+                             "--mixed_precision no", "--eval_args", "--num_images 2"])
+    training, evaluation = launched[:3], launched[3]
+    for command, stage in zip(training, ("text_encoder", "vae", "unet")):
+        assert command[command.index("--num_cpu_threads_per_process") + 1] == "1"
+        assert command[command.index("--config") + 1] == str(REPO / "configs" / "gpu_demo" / f"{stage}.json")
+        assert command[-4:] == ["--max_train_steps", "3", "--mixed_precision", "no"]
+    assert evaluation[evaluation.index("--num_images") + 1] == "64" and evaluation[-2:] == ["--num_images", "2"]
+    assert summary["cpu_threads_per_process"] == 1
+    monkeypatch.setattr(run_demo.os, "cpu_count", lambda: 16)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_demo.cpu_threads_per_process(None) == run_demo.GPU_CPU_THREADS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_demo.cpu_threads_per_process(None) == 16 and run_demo.cpu_threads_per_process(2) == 2
+
+
 def test_every_config_set_trains_its_stages_at_one_resolution():
     """The U-Net's latents come from the VAE at the U-Net's resolution: a VAE trained at another size would be
     asked to encode images it never saw (and the text encoder's image tower learns on the same images)."""

@@ -102,3 +102,40 @@ def test_option_added_since_a_checkpoint_is_no_difference_at_its_default():
                                                        "training.hard_negatives: None -> False"]
     current["training"]["hard_negatives"] = True
     assert fingerprint_differences(saved, current, defaults=defaults) == ["training.hard_negatives: None -> True"]
+
+
+@pytest.mark.parametrize("logging_steps, expected", [
+    (1, [(1, 1.0), (2, 2.0), (3, 6.0), (4, 4.0)]),  # a CPU's default: every step read
+    (3, [(3, 3.0), (4, 4.0)]),                      # a GPU's way: the mean of the steps since the last read; the
+])                                                  # rest before the final save
+def test_losses_are_summed_where_they_are_and_read_every_logging_steps(tmp_path, logging_steps, expected):
+    from accelerate.state import AcceleratorState
+
+    from ldm_pipeline.config import load_stage_config
+    from ldm_pipeline.durable import read_jsonl
+    from ldm_pipeline.trainer import TRAIN_LOG, StageTrainer
+
+    config = load_stage_config("vae", ["--config", "configs/tiny/vae.json", "--output_dir", str(tmp_path),
+                                       "--report_to", "none", "--logging_steps", str(logging_steps)])
+    try:
+        trainer = StageTrainer(config)
+        assert trainer.fast.logging_steps == logging_steps and not trainer.fast.cuda
+        assert config.training.mixed_precision == "no", "auto resolves to fp32 on a CPU (and is fingerprinted so)"
+        trainer.start()
+        for value in (1.0, 2.0, 6.0, 4.0):
+            assert trainer.end_micro_step(loss=torch.tensor(value), lr=0.5)
+        assert trainer.finish(lambda: {})["train_steps"] == 4
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    records = [r for r in read_jsonl(tmp_path / TRAIN_LOG) if "loss" in r]
+    assert [(r["step"], r["loss"]) for r in records] == expected and all(r["lr"] == 0.5 for r in records)
+
+
+def test_a_non_finite_loss_is_recorded_on_its_device_at_its_first_step():
+    from ldm_pipeline.trainer import first_non_finite_step
+
+    first = torch.tensor(-1)
+    for step, loss in enumerate([1.0, 2.0, float("inf"), float("nan"), 3.0]):
+        first = first_non_finite_step(first, torch.tensor(loss), step)
+    assert first.item() == 2
+    assert first_non_finite_step(torch.tensor(-1), torch.tensor([1.0, float("nan")]), 7).item() == 7

@@ -147,7 +147,11 @@ def test_cached_training_equals_the_reference_loop(trained, stages, tmp_path):
     np.testing.assert_allclose(losses(out), losses(cached), rtol=1e-4)
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(stages, tmp_path, monkeypatch):
+@pytest.mark.parametrize("read_every", [
+    [],                             # a CPU's default: every loss read and checked before its update
+    ["--logging_steps", "5"],       # a GPU's way: found at step 4, when the checkpoint due there reads the losses
+])
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(stages, tmp_path, monkeypatch, read_every):
     import ldm_pipeline.unet as unet_module
 
     real_loss, calls = unet_module.diffusion_loss, {"n": 0}
@@ -159,8 +163,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(stages, tmp_
 
     monkeypatch.setattr(unet_module, "diffusion_loss", loss_that_breaks_at_step_3)
     out = tmp_path / "nan"
-    with pytest.raises(NonFiniteLossError, match="step 2"):
-        run_stage("unet", base_args(stages, out, "--max_train_steps", "4", "--checkpointing_steps", "2"))
+    with pytest.raises(NonFiniteLossError, match="step 2" if not read_every else "at step 2 .*read at step 4"):
+        run_stage("unet", base_args(stages, out, "--max_train_steps", "4", "--checkpointing_steps", "2", *read_every))
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
     assert load_file(str(out / "checkpoints" / "checkpoint-2" / "model.safetensors"))
     assert not (out / "model_index.json").exists()

@@ -3,6 +3,7 @@
     python training/run_demo.py --output_dir runs/demo                       # configs/demo, ~20 min on 2 CPU cores
     python training/run_demo.py --config_dir configs/tiny --output_dir /tmp/t   # the same recipe in a minute
     python training/run_demo.py --train_data_dir my_folder --output_dir runs/mine   # your captioned images
+    python training/run_demo.py --config_dir configs/gpu_demo --output_dir runs/gpu_demo   # one GPU, ~3 min
 
 Each stage is its own `accelerate launch` of a script in training/, exactly as a user would run it:
 
@@ -57,6 +58,7 @@ SAMPLE_PROMPTS = [
 ]
 
 
+GPU_CPU_THREADS = 4
 DATA_FIELDS = [field.name for field in dataclasses.fields(DataConfig)]
 STAGE_NAMES = {"text_encoder": "text encoder", "vae": "VAE", "unet": "U-Net"}
 
@@ -69,6 +71,14 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip_existing", action="store_true",
                         help="Reuse a stage's output when it is already complete in OUTPUT_DIR.")
+    parser.add_argument("--num_cpu_threads_per_process", type=int, default=None,
+                        help="CPU threads of each training process (accelerate launch's flag). Default: every core "
+                             f"on a CPU; {GPU_CPU_THREADS} with a GPU, where the CPU only feeds the GPU and spinning "
+                             "threads beside the one that launches kernels slow it down (measure 1, 4 and all: "
+                             "docs/gpu.md).")
+    parser.add_argument("--train_args", default="", help='Extra flags for every training stage, after the '
+                                                         'configs\' (one string, e.g. "--max_train_steps 3").')
+    parser.add_argument("--eval_args", default="", help='Extra flags for ldm-eval (e.g. "--num_images 2 --steps 2").')
     add_dataclass_arguments(parser, DataConfig, "data")
     args = parser.parse_args(argv)
     for name in DATA_FIELDS:
@@ -120,9 +130,20 @@ def stage_environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
-def accelerate_launch(script: str) -> list[str]:
+def cpu_threads_per_process(requested: int | None) -> int:
+    """``requested``, else every core without a GPU and ``GPU_CPU_THREADS`` with one."""
+    if requested is not None:
+        return requested
+    import torch
+
+    return min(GPU_CPU_THREADS, os.cpu_count() or 1) if torch.cuda.is_available() else os.cpu_count() or 1
+
+
+def accelerate_launch(script: str, threads: int) -> list[str]:
+    """One process; precision and compilation come from the stage's config (``mixed_precision``,
+    ``torch_compile``), which the launcher's defaults do not override."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-            "--num_cpu_threads_per_process", str(os.cpu_count() or 1),
+            "--num_cpu_threads_per_process", str(threads),
             "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "training" / script)]
 
 
@@ -145,17 +166,22 @@ def main(argv=None) -> dict:
     if own_data and args.num_validation_samples is None:
         args.num_validation_samples = USER_DATA_VALIDATION_SAMPLES
     data = data_flags(args)
+    threads = cpu_threads_per_process(args.num_cpu_threads_per_process)
+    extra = shlex.split(args.train_args)
 
     text_dir, vae_dir, pipeline_dir = out / "text_encoder_stage", out / "vae_stage", out / "pipeline"
     eval_dir, samples_dir = out / "eval", out / "samples"
     stages = [
         ("text_encoder", text_dir / "tokenizer" / "tokenizer.json",
-         accelerate_launch("train_text_encoder.py") + ["--config", str(text_config), "--output_dir", str(text_dir)] + data + seed),
+         accelerate_launch("train_text_encoder.py", threads) + ["--config", str(text_config), "--output_dir",
+                                                                str(text_dir)] + data + seed + extra),
         ("vae", vae_dir / "vae" / "config.json",
-         accelerate_launch("train_vae.py") + ["--config", str(config_dir / "vae.json"), "--output_dir", str(vae_dir)] + data + seed),
+         accelerate_launch("train_vae.py", threads) + ["--config", str(config_dir / "vae.json"), "--output_dir",
+                                                       str(vae_dir)] + data + seed + extra),
         ("unet", pipeline_dir / "model_index.json",
-         accelerate_launch("train_unet.py") + ["--config", str(config_dir / "unet.json"), "--text_encoder", str(text_dir),
-                                               "--vae", str(vae_dir), "--output_dir", str(pipeline_dir)] + data + seed),
+         accelerate_launch("train_unet.py", threads) + ["--config", str(config_dir / "unet.json"), "--text_encoder",
+                                                        str(text_dir), "--vae", str(vae_dir), "--output_dir",
+                                                        str(pipeline_dir)] + data + seed + extra),
     ]
     sampling = ["--scheduler", eval_config.get("scheduler", "dpm++"), "--steps", str(eval_config.get("steps", 25)),
                 "--guidance_scale", str(eval_config.get("guidance_scale", 4.0))]
@@ -164,7 +190,7 @@ def main(argv=None) -> dict:
         evaluation += ["--text_stage", str(text_dir)] + data
     else:
         evaluation += ["--num_images", str(eval_config.get("num_images", 16))]
-    stages.append(("evaluation", eval_dir / "report.json", evaluation + sampling + seed))
+    stages.append(("evaluation", eval_dir / "report.json", evaluation + sampling + seed + shlex.split(args.eval_args)))
 
     def samples_command() -> list[str]:
         prompts = user_sample_prompts(eval_dir) if own_data else SAMPLE_PROMPTS
@@ -183,6 +209,7 @@ def main(argv=None) -> dict:
 
     summary = {
         "config_dir": str(config_dir),
+        "cpu_threads_per_process": threads,
         "data": args.train_data_dir or args.dataset_name or "built-in shapes",
         "seconds_per_stage": {k: round(v, 1) for k, v in timings.items()},
         "total_minutes": round(sum(timings.values()) / 60, 2),

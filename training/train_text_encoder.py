@@ -28,6 +28,7 @@ from ldm_pipeline.errors import run_cli
 from ldm_pipeline.model_card import write_model_card
 from ldm_pipeline.prompt_encoding import tokenize_prompts
 from ldm_pipeline.text_encoder import (
+    CollateWithTokens,
     build_contrastive_model,
     contrastive_loss,
     evaluate_retrieval,
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. Optimizer, learning-rate schedule, data loaders.
     optimizer = trainer.adamw(model.parameters())
     lr_scheduler = trainer.lr_schedule(optimizer)
-    train_dataloader, sampler = trainer.dataloader(train_dataset, collate_examples)
+    train_dataloader, sampler = trainer.dataloader(train_dataset, CollateWithTokens(tokenizer))
     model, optimizer, train_dataloader, lr_scheduler = trainer.prepare(model, optimizer, train_dataloader, lr_scheduler)
     validation_dataloader = torch.utils.data.DataLoader(
         build_dataset(data, split="validation"), batch_size=args.validation_batch_size or args.train_batch_size,
@@ -122,9 +123,12 @@ def main(argv: list[str] | None = None) -> dict:
             captions = gather_captions(trainer.accelerator, batch["captions"])
             negatives, num_negatives = (own_hard_negatives(trainer.accelerator, captions, len(batch["captions"]))
                                         if args.hard_negatives else ([], 0))
-            tokens = tokenize_prompts(tokenizer, batch["captions"] + negatives)
-            input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+            input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # tokenized by the loader
             num_own = len(batch["captions"])
+            if negatives:
+                tokens = tokenize_prompts(tokenizer, negatives)
+                input_ids = torch.cat([input_ids, tokens["input_ids"].to(device, non_blocking=True)])
+                attention_mask = torch.cat([attention_mask, tokens["attention_mask"].to(device, non_blocking=True)])
             masked_ids = targets = None
             if masked_tokens:
                 uniform = trainer.global_randn((num_own, input_ids.shape[1], 3), trainer.generator(), draw=torch.rand)

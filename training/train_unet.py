@@ -26,7 +26,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ldm_pipeline.attention import enable_memory_efficient_attention
-from ldm_pipeline.caching import collate_gathered, open_or_build_cache, sample_latents
+from ldm_pipeline.caching import collate_gathered, open_or_build_cache, sample_latents, training_cache
 from ldm_pipeline.config import load_stage_config
 from ldm_pipeline.data import build_dataset, collate_examples
 from ldm_pipeline.diffusion import build_noise_scheduler, caption_dropout_mask
@@ -80,17 +80,21 @@ def main(argv: list[str] | None = None) -> dict:
                       "encoder run every step, as with --no_cache).")
         use_cache = False
     if use_cache:
-        cache = open_or_build_cache(config, trainer.accelerator, train_dataset, vae, text_encoder, tokenizer,
-                                    frozen_fingerprints, trainer.data_fingerprint)
+        shards = open_or_build_cache(config, trainer.accelerator, train_dataset, vae, text_encoder, tokenizer,
+                                     frozen_fingerprints, trainer.data_fingerprint)
+        cache = training_cache(shards, device, args.cache_on_device)
+        held = cache is not shards  # on the device: the loader gives indices only, no worker needed
+        if held:
+            trainer.print(f"Latent/text cache held in {device} memory ({shards.size_in_memory() / 2**20:.0f} MiB).")
         empty_embeds = cache.empty_embeds().to(device)
-        loader_dataset, collate_fn = cache, collate_gathered
+        loader_dataset, collate_fn, loader_workers = cache, collate_gathered, 0 if held else None
     else:
-        loader_dataset, collate_fn = train_dataset, collate_examples
+        loader_dataset, collate_fn, loader_workers = train_dataset, collate_examples, None
 
     # 4. Optimizer, learning-rate schedule, data loader, EMA.
     optimizer = trainer.adamw(unet.parameters())
     lr_scheduler = trainer.lr_schedule(optimizer)
-    train_dataloader, sampler = trainer.dataloader(loader_dataset, collate_fn)
+    train_dataloader, sampler = trainer.dataloader(loader_dataset, collate_fn, loader_workers)
     unet, optimizer, train_dataloader, lr_scheduler = trainer.prepare(unet, optimizer, train_dataloader, lr_scheduler)
     model = trainer.accelerator.unwrap_model(unet)
     if args.enable_xformers_memory_efficient_attention:
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         generator = trainer.generator()
         with trainer.accelerator.accumulate(unet):
             if use_cache:
+                batch = cache.fetch(batch)
                 mean, std = batch["latent_mean"], batch["latent_std"]
             else:
                 posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         if trainer.end_micro_step(loss=loss, lr=lr_scheduler.get_last_lr()[0]):
-            if trainer.every(args.snapshot_steps) and trainer.is_main_process:
+            if trainer.save_due(args.snapshot_steps) and trainer.is_main_process:
                 save_unet_snapshot(model, trainer.ema, trainer.output_dir / "snapshots" / f"step-{trainer.global_step}")
             if trainer.validation_due():
                 trainer.on_main_process(validate)
