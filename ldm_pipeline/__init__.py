@@ -3,4 +3,4 @@
 __version__ = "0.1.0"
 
 from .pipeline_latent_diffusion import LatentDiffusionPipeline
-from .schedulers import scheduler_from_name
+from .schedulers import SAMPLING_DEFAULTS, scheduler_from_name

@@ -31,6 +31,7 @@ def test_main_job_runs_all_stages_and_writes_a_summary(tmp_path):
     assert "retrieval" in (out / "summary.md").read_text()
 
     pipe = LatentDiffusionPipeline.from_pretrained(summary["pipeline"])
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"  # the sampling defaults' sampler
     image = pipe("a red cat", num_inference_steps=2, output_type="np").images
     assert image.shape[0] == 1 and image.shape[-1] == 3
 

@@ -32,7 +32,7 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.pipeline_latent_diffusion import check_guidance_interval
-from ldm_pipeline.schedulers import timestep_sigma
+from ldm_pipeline.schedulers import SAMPLING_DEFAULTS, timestep_sigma
 from ldm_pipeline.cli_generate import main as generate_main
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 
@@ -262,7 +262,8 @@ def test_returned_tensors_are_ordinary_tensors(pipe):
 def test_return_dict_false_returns_a_tuple(pipe):
     output = pipe(PROMPTS[0], num_inference_steps=2, output_type="np", return_dict=False, generator=seeded())
     assert isinstance(output, tuple) and len(output) == 1
-    np.testing.assert_array_equal(output[0], run(pipe, PROMPTS[0], steps=2, guidance_scale=7.5))
+    expected = run(pipe, PROMPTS[0], steps=2, guidance_scale=SAMPLING_DEFAULTS.guidance_scale)  # the default
+    np.testing.assert_array_equal(output[0], expected)
 
 
 def test_height_width_default_and_override(pipe):
@@ -450,6 +451,7 @@ def test_cli_guidance_interval_flag(tiny_pipeline_dir, tmp_path, capsys):
     generate_main(argv)
     pipe = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
+    pipe.set_scheduler(SAMPLING_DEFAULTS.scheduler)  # ldm-generate's default sampler
     expected = pipe("a red cat", num_inference_steps=3, guidance_scale=3.0, guidance_interval=(1.0, math.inf),
                     generator=seeded(0)).images[0]
     image = next((tmp_path / "cli").glob("000_000*.png"))

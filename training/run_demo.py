@@ -12,6 +12,9 @@ Each stage is its own `accelerate launch` of a script in training/, exactly as a
     4. ldm-eval               -> OUT/eval/{report.json,report.md,grids}
     5. ldm-generate           -> OUT/samples/grid.png for "a red cat" and a dozen other prompts
 
+Sampling in steps 4 and 5 uses ``SAMPLING_DEFAULTS`` (DPM-Solver++, 20 steps, guidance 5) unless the config
+directory's ``eval.json`` sets ``scheduler``, ``steps`` or ``guidance_scale``.
+
 The data flags of the training scripts (``--train_data_dir``, ``--dataset_name``, ``--caption_column``, ...) are
 passed to every stage. With your own data, every stage holds out the same ``--num_validation_samples`` items
 (default 200), ``ldm-eval --text_stage`` judges the images generated for those held-out captions with the text
@@ -33,7 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-from ldm_pipeline.config import DataConfig, add_dataclass_arguments
+from ldm_pipeline.cli_eval import sampling_flags
+from ldm_pipeline.config import DataConfig, DefaultsHelpFormatter, add_dataclass_arguments
 from ldm_pipeline.errors import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,12 +65,12 @@ DATA_FIELDS = [field.name for field in dataclasses.fields(DataConfig)]
 STAGE_NAMES = {"text_encoder": "text encoder", "vae": "VAE", "unet": "U-Net"}
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--config_dir", default=str(REPO / "configs" / "demo"), help="configs/<size> directory.")
-    parser.add_argument("--output_dir", default="runs/demo")
+    parser.add_argument("--output_dir", default="runs/demo", help="Where every stage's output goes.")
     parser.add_argument("--text_encoder_config", default=None,
                         help="Default: CONFIG_DIR/text_encoder.json (or text_encoder_clip.json).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of every stage, the evaluation and the samples.")
     parser.add_argument("--skip_existing", action="store_true",
                         help="Reuse a stage's output when it is already complete in OUTPUT_DIR.")
     add_dataclass_arguments(parser, DataConfig, "data")
@@ -157,8 +161,7 @@ def main(argv=None) -> dict:
          accelerate_launch("train_unet.py") + ["--config", str(config_dir / "unet.json"), "--text_encoder", str(text_dir),
                                                "--vae", str(vae_dir), "--output_dir", str(pipeline_dir)] + data + seed),
     ]
-    sampling = ["--scheduler", eval_config.get("scheduler", "dpm++"), "--steps", str(eval_config.get("steps", 25)),
-                "--guidance_scale", str(eval_config.get("guidance_scale", 4.0))]
+    sampling = sampling_flags(eval_config)
     evaluation = [sys.executable, "-m", "ldm_pipeline.cli_eval", "--model", str(pipeline_dir), "--out", str(eval_dir)]
     if own_data:
         evaluation += ["--text_stage", str(text_dir)] + data
