@@ -235,9 +235,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
     needs a missing component raises ``ValueError`` naming it.
 
     ``save_pretrained(dir)`` writes ``model_index.json`` and one folder per component (weights as safetensors, no
-    code); ``LatentDiffusionPipeline.from_pretrained(dir)`` loads it back and never runs code from ``dir``. With
-    Diffusers' generic loader the user names the code: ``DiffusionPipeline.from_pretrained(dir,
-    custom_pipeline=ldm_pipeline.pipeline_latent_diffusion.__file__, trust_remote_code=True)``.
+    code); ``LatentDiffusionPipeline.from_pretrained(dir)`` checks it and loads it back and never runs code from
+    ``dir``. Diffusers' generic ``DiffusionPipeline.from_pretrained(dir)`` gives the same pipeline without those
+    checks: ldm-pipeline registers this class with ``diffusers`` (``ldm_pipeline_diffusers``).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"

@@ -9,7 +9,6 @@ import math
 import re
 import json
 import logging
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
-    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -164,39 +162,6 @@ def test_save_load_round_trip_gives_identical_images(pipe, pipeline_dir):
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded) is LatentDiffusionPipeline
     assert loaded.vae_scale_factor == 2
-    np.testing.assert_array_equal(run(loaded), run(pipe))
-
-
-def test_diffusion_pipeline_from_pretrained_runs_only_code_the_user_names(pipe, pipeline_dir, tmp_path, monkeypatch):
-    import diffusers.utils.dynamic_modules_utils as dynamic_modules
-
-    import ldm_pipeline.pipeline_latent_diffusion as module
-
-    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    with pytest.raises(AttributeError, match="LatentDiffusionPipeline"):
-        DiffusionPipeline.from_pretrained(pipeline_dir)  # the directory names a class but carries no code
-    loaded = DiffusionPipeline.from_pretrained(pipeline_dir, custom_pipeline=module.__file__, trust_remote_code=True)
-    loaded.set_progress_bar_config(disable=True)
-    assert type(loaded).__name__ == "LatentDiffusionPipeline"
-    np.testing.assert_array_equal(run(loaded), run(pipe))
-
-
-def test_code_in_an_older_pipeline_directory_is_never_run(pipe, pipeline_dir, tmp_path):
-    """Older saves wrote ``["pipeline_latent_diffusion", "LatentDiffusionPipeline"]`` and a .py file beside it; a
-    downloaded directory of that form (here with a file that would leave a marker) loads without running it."""
-    import shutil
-
-    directory = tmp_path / "old_style"
-    shutil.copytree(pipeline_dir, directory)
-    marker = tmp_path / "code_was_run"
-    (directory / "pipeline_latent_diffusion.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    model_index = json.loads((directory / "model_index.json").read_text())
-    model_index["_class_name"] = ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]
-    (directory / "model_index.json").write_text(json.dumps(model_index))
-    loaded = LatentDiffusionPipeline.from_pretrained(directory)
-    loaded.set_progress_bar_config(disable=True)
-    assert not marker.exists()
     np.testing.assert_array_equal(run(loaded), run(pipe))
 
 
