@@ -11,6 +11,7 @@ Each stage is its own `accelerate launch` of a script in training/, exactly as a
     3. train_unet.py          -> OUT/pipeline  (a LatentDiffusionPipeline directory)
     4. ldm-eval               -> OUT/eval/{report.json,report.md,grids}
     5. ldm-generate           -> OUT/samples/grid.png for "a red cat" and a dozen other prompts
+    6. the pipeline's model card (OUT/pipeline/README.md) with the scores, their command and the sample grid
 
 Sampling in steps 4 and 5 uses ``SAMPLING_DEFAULTS`` (DPM-Solver++, 20 steps, guidance 5) unless the config
 directory's ``eval.json`` sets ``scheduler``, ``steps`` or ``guidance_scale``.
@@ -39,6 +40,7 @@ from pathlib import Path
 from ldm_pipeline.cli_eval import sampling_flags
 from ldm_pipeline.config import DataConfig, DefaultsHelpFormatter, add_dataclass_arguments
 from ldm_pipeline.errors import run_cli
+from ldm_pipeline.model_card import PIPELINE_PLACEHOLDER, write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,16 +165,20 @@ def main(argv=None) -> dict:
     ]
     sampling = sampling_flags(eval_config)
     evaluation = [sys.executable, "-m", "ldm_pipeline.cli_eval", "--model", str(pipeline_dir), "--out", str(eval_dir)]
+    shapes_evaluation = ["--num_images", str(eval_config.get("num_images", 16))] + sampling + seed
     if own_data:
-        evaluation += ["--text_stage", str(text_dir)] + data
+        evaluation += ["--text_stage", str(text_dir)] + data + sampling + seed
     else:
-        evaluation += ["--num_images", str(eval_config.get("num_images", 16))]
-    stages.append(("evaluation", eval_dir / "report.json", evaluation + sampling + seed))
+        evaluation += shapes_evaluation
+    stages.append(("evaluation", eval_dir / "report.json", evaluation))
+
+    def sample_prompts() -> list[str]:
+        """The sample grid's prompts: with own data, held-out captions that ldm-eval generated for."""
+        return user_sample_prompts(eval_dir) if own_data else SAMPLE_PROMPTS
 
     def samples_command() -> list[str]:
-        prompts = user_sample_prompts(eval_dir) if own_data else SAMPLE_PROMPTS
         return [sys.executable, "-m", "ldm_pipeline.cli_generate", "--model", str(pipeline_dir),
-                *[arg for prompt in prompts for arg in ("--prompt", prompt)],
+                *[arg for prompt in sample_prompts() for arg in ("--prompt", prompt)],
                 "--num_images", "1", "--grid_scale", "4", "--out", str(samples_dir)] + sampling + seed
 
     stages.append(("samples", samples_dir / "grid.png", samples_command))
@@ -183,6 +189,17 @@ def main(argv=None) -> dict:
             print(f"[{name}] already done: {done_marker}")
             continue
         timings[name] = run(command() if callable(command) else command, logs / f"{name}.log")
+
+    # The card shows the GenEval-style scores of the shapes data (own data is judged by the text stage's towers,
+    # in OUT/eval/report.md) and the sample grid.
+    write_model_card(pipeline_dir, {"text_encoder": text_dir, "vae": vae_dir},
+                     configs={"text_encoder": text_config, "vae": config_dir / "vae.json",
+                              "unet": config_dir / "unet.json"},
+                     eval_report=None if own_data else eval_dir / "report.json",
+                     eval_command=shlex.join(["ldm-eval", "--model", PIPELINE_PLACEHOLDER, "--out", "eval",
+                                              *shapes_evaluation]),
+                     sample_grid=samples_dir / "grid.png", sample_prompts=sample_prompts(),
+                     dataset_name=args.dataset_name, train_data_dir=args.train_data_dir)
 
     summary = {
         "config_dir": str(config_dir),
