@@ -20,7 +20,7 @@ from pathlib import Path
 from scipy.stats import spearmanr
 
 from ldm_pipeline.cli_eval import build_parser as eval_parser
-from ldm_pipeline.cli_eval import evaluate
+from ldm_pipeline.cli_eval import evaluate, sampling_flags
 
 from time_to_quality import snapshot_points  # noqa: E402  (benchmarks/ is the script's directory)
 
@@ -39,8 +39,7 @@ def rank_correlations(rows: list[dict]) -> dict[str, float]:
 def eval_arguments(run: Path, out: Path, unet_dir: Path | None, eval_config: dict, seed: int) -> list[str]:
     """The ``ldm-eval`` arguments shared by both scores: the run's pipeline, the snapshot's U-Net, its sampler."""
     arguments = ["--model", str(run / "pipeline"), "--out", str(out), "--seed", str(seed),
-                 "--scheduler", eval_config.get("scheduler", "dpm++"), "--steps", str(eval_config.get("steps", 25)),
-                 "--guidance_scale", str(eval_config.get("guidance_scale", 4.0))]
+                 *sampling_flags(eval_config)]
     return arguments + (["--unet", str(unet_dir)] if unet_dir is not None else [])
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from ldm_pipeline.cli_eval import build_parser as eval_parser
-from ldm_pipeline.cli_eval import evaluate
+from ldm_pipeline.cli_eval import evaluate, sampling_flags
 from ldm_pipeline.data.shapes import CATEGORIES
 
 SERIES_COLORS = {"overall": (0, 0, 0), "single_object": (31, 119, 180), "two_objects": (255, 127, 14),
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as scratch:
         for step, unet_dir in snapshot_points(run):
             eval_argv = ["--model", str(run / "pipeline"), "--out", str(Path(scratch) / f"step-{step}"),
-                         "--num_images", str(args.num_images), "--seed", str(args.seed),
-                         "--scheduler", eval_config.get("scheduler", "dpm++"), "--steps", str(eval_config.get("steps", 25)),
-                         "--guidance_scale", str(eval_config.get("guidance_scale", 4.0))]
+                         "--num_images", str(args.num_images), "--seed", str(args.seed), *sampling_flags(eval_config)]
             if unet_dir is not None:
                 eval_argv += ["--unet", str(unet_dir)]
             report = evaluate(eval_parser().parse_args(eval_argv))

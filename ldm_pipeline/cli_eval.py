@@ -1,7 +1,7 @@
 """``ldm-eval``: scores for a trained pipeline, on the built-in ``shapes`` grammar or on the user's own data.
 
     ldm-eval --model runs/demo/pipeline --num_images 20 --seed 0 --out runs/demo/eval \\
-        [--scheduler ddim --steps 50 --guidance_scale 4 --batch_size 16 --inception_weights PATH]
+        [--scheduler dpm++ --steps 20 --guidance_scale 5 --batch_size 16 --inception_weights PATH]
     ldm-eval --real --resolution 64 --num_images 20 --out runs/real_eval     # the dataset's own renders
     ldm-eval --vae runs/demo/vae_stage --num_images 20 --out runs/vae_eval   # the VAE's reconstructions of them
     ldm-eval --model runs/mine/pipeline --text_stage runs/mine/text_encoder_stage --train_data_dir my_folder \\
@@ -33,8 +33,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ldm_pipeline.cli_generate import noise_level
-from ldm_pipeline.config import data_config_from_args
+from ldm_pipeline.cli_generate import add_sampling_args
+from ldm_pipeline.config import DefaultsHelpFormatter, data_config_from_args
 from ldm_pipeline.data import add_data_args, build_dataset
 from ldm_pipeline.data.shapes import CATEGORIES
 from ldm_pipeline.errors import run_cli
@@ -58,10 +58,18 @@ from ldm_pipeline.evaluation.scoring import (
 
 SHAPES_NUM_IMAGES = 20
 DATA_SOURCE_FLAGS = ("train_data_dir", "dataset_name")
+SAMPLING_KEYS = ("scheduler", "steps", "guidance_scale")
+
+
+def sampling_flags(eval_config: dict) -> list[str]:
+    """The ``--scheduler``/``--steps``/``--guidance_scale`` flags for the keys a ``configs/<size>/eval.json`` sets;
+    what it leaves out takes ``SAMPLING_DEFAULTS`` (the ldm-eval and ldm-generate defaults)."""
+    return [arg for key in SAMPLING_KEYS if key in eval_config for arg in (f"--{key}", str(eval_config[key]))]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm-eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="ldm-eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="Pipeline directory (LatentDiffusionPipeline.save_pretrained).")
     source.add_argument("--real", action="store_true", help="Score the dataset's own renders (sanity check).")
@@ -73,12 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="Output directory.")
     parser.add_argument("--unet", default=None,
                         help="A U-Net directory to use instead of MODEL/unet (e.g. MODEL/snapshots/step-300).")
-    parser.add_argument("--scheduler", default=None, help="Sampler name (default: the pipeline's own).")
-    parser.add_argument("--steps", type=int, default=50, help="Number of inference steps.")
-    parser.add_argument("--guidance_scale", type=float, default=4.0, help="Classifier-free guidance scale.")
-    parser.add_argument("--guidance_interval", type=noise_level, nargs=2, default=None, metavar=("SIGMA_LO", "SIGMA_HI"),
-                        help="Guide only the steps whose noise level sigma lies in (SIGMA_LO, SIGMA_HI] "
-                             "(default: every step).")
+    add_sampling_args(parser)
     parser.add_argument("--batch_size", type=int, default=16, help="Images generated per pipeline call.")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
     parser.add_argument("--classifier", default=None, help=f"Object classifier directory (default: {WEIGHTS_DIR}).")
@@ -118,8 +121,7 @@ def load_pipeline(args: argparse.Namespace):
         from diffusers import UNet2DConditionModel
 
         pipe.unet = UNet2DConditionModel.from_pretrained(args.unet)
-    if args.scheduler:
-        pipe.set_scheduler(args.scheduler)
+    pipe.set_scheduler(args.scheduler)
     return pipe.to(device)
 
 

@@ -1,11 +1,12 @@
 """``ldm-generate``: images from a trained pipeline directory.
 
     ldm-generate --model runs/demo/pipeline --prompt "a red circle" --prompt "two blue squares" \\
-        --num_images 4 --scheduler ddim --steps 50 --guidance_scale 4 --seed 0 --out samples/
+        --num_images 4 --seed 0 --out samples/    # [--scheduler dpm++ --steps 20 --guidance_scale 5]
 
-writes ``OUT/<prompt>_<image>_<slug>.png`` for every image, ``OUT/grid.png`` (one row per prompt, one column per
-image, upscaled ``--grid_scale`` times) and prints their paths. The noise is drawn on the CPU from ``--seed``, so a
-seed gives the same images on every device.
+samples with ``ldm_pipeline.schedulers.SAMPLING_DEFAULTS`` unless the flags say otherwise, writes
+``OUT/<prompt>_<image>_<slug>.png`` for every image, ``OUT/grid.png`` (one row per prompt, one column per image,
+upscaled ``--grid_scale`` times) and prints their paths. The noise is drawn on the CPU from ``--seed``, so a seed
+gives the same images on every device.
 
 Every value is checked before any image is made: sizes, counts and steps must be positive, the guidance scale and
 eta finite, the device present and ``--out`` writable (it is created first). A failure is one line,
@@ -25,9 +26,10 @@ import torch
 from diffusers.utils import make_image_grid
 from PIL import Image
 
+from ldm_pipeline.config import DefaultsHelpFormatter
 from ldm_pipeline.errors import run_cli
 from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline, check_guidance_interval
-from ldm_pipeline.schedulers import SCHEDULER_NAMES
+from ldm_pipeline.schedulers import SAMPLING_DEFAULTS, SCHEDULERS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -64,33 +66,43 @@ def noise_level(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm-generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="ldm-generate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="Pipeline directory (LatentDiffusionPipeline.save_pretrained).")
     parser.add_argument("--prompt", action="append", required=True, help="A prompt; repeat for several.")
     parser.add_argument("--negative_prompt", default=None, help="Negative prompt used for every prompt.")
     parser.add_argument("--num_images", type=positive_int, default=1, help="Images per prompt.")
-    parser.add_argument("--scheduler", default=None, help=f"Sampler: {', '.join(SCHEDULER_NAMES)} (default: saved one).")
-    parser.add_argument("--steps", type=positive_int, default=50, help="Number of inference steps.")
-    parser.add_argument("--guidance_scale", type=finite_float, default=7.5,
-                        help="Classifier-free guidance scale (<= 1: off).")
-    parser.add_argument("--guidance_interval", type=noise_level, nargs=2, default=None,
-                        metavar=("SIGMA_LO", "SIGMA_HI"),
-                        help="Guide only the steps whose noise level sigma lies in (SIGMA_LO, SIGMA_HI]; the others "
-                             "run the U-Net once instead of twice (default: every step).")
+    add_sampling_args(parser)
     parser.add_argument("--eta", type=non_negative_finite_float, default=0.0, help="DDIM eta (0: deterministic).")
     parser.add_argument("--height", type=positive_int, default=None,
                         help="Image height (default: the U-Net's sample size).")
     parser.add_argument("--width", type=positive_int, default=None, help="Image width (default: the U-Net's sample size).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the initial noise (drawn on the CPU).")
     parser.add_argument("--grid_scale", type=positive_int, default=1,
                         help="Upscale factor (nearest neighbour) of grid.png, for small images; the images stay as made.")
     parser.add_argument("--out", required=True, help="Output directory (created if needed).")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda if available).")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Weights and sampling dtype.")
     parser.add_argument(
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xFormers on CUDA if installed."
     )
     return parser
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """``--scheduler``, ``--steps``, ``--guidance_scale`` and ``--guidance_interval``, defaulting to
+    ``SAMPLING_DEFAULTS`` (ldm-generate and ldm-eval)."""
+    parser.add_argument("--scheduler", default=SAMPLING_DEFAULTS.scheduler,
+                        help=f"Sampler, on the pipeline's noise schedule: {', '.join(SCHEDULERS)} (or an alias such as "
+                             "dpm++_2m).")
+    parser.add_argument("--steps", type=positive_int, default=SAMPLING_DEFAULTS.num_inference_steps,
+                        help="Number of inference steps.")
+    parser.add_argument("--guidance_scale", type=finite_float, default=SAMPLING_DEFAULTS.guidance_scale,
+                        help="Classifier-free guidance scale (<= 1: off).")
+    parser.add_argument("--guidance_interval", type=noise_level, nargs=2, default=SAMPLING_DEFAULTS.guidance_interval,
+                        metavar=("SIGMA_LO", "SIGMA_HI"),
+                        help="Guide only the steps whose noise level sigma lies in (SIGMA_LO, SIGMA_HI]; the others "
+                             "run the U-Net once instead of twice (default: every step).")
 
 
 def slugify(text: str, max_length: int = 40) -> str:
@@ -136,8 +148,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     """Write the images and the grid for parsed ``args``; returns their paths (the grid last)."""
     device = resolve_device(args.device)
     pipe = LatentDiffusionPipeline.from_pretrained(args.model)
-    if args.scheduler:
-        pipe.set_scheduler(args.scheduler)
+    pipe.set_scheduler(args.scheduler)
     check_guidance_interval(args.guidance_interval, pipe.scheduler)
     pipe = pipe.to(device, DTYPES[args.dtype])
     if args.enable_xformers_memory_efficient_attention:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ldm_pipeline.errors import ConfigError
+from ldm_pipeline.schedulers import SAMPLING_DEFAULTS
 
 SECTIONS = ("model", "training", "data")
 
@@ -236,9 +237,12 @@ class UNetTrainingConfig(TrainingConfig):
     caption_dropout_prob: float = option(0.1, "Probability of training on the empty prompt (for classifier-free "
                                               "guidance).", ge=0, le=1)
     validation_prompts: list[str] | None = option(None, "Prompts of the validation grids.", run_only=True)
-    validation_num_inference_steps: int = option(20, "Sampling steps of the validation grids.", gt=0, run_only=True)
-    validation_guidance_scale: float = option(3.0, "Guidance scale of the validation grids.", ge=0, run_only=True)
-    validation_scheduler: str = option("ddim", "Sampler name for validation grids.", run_only=True)
+    validation_num_inference_steps: int = option(SAMPLING_DEFAULTS.num_inference_steps,
+                                                 "Sampling steps of the validation grids.", gt=0, run_only=True)
+    validation_guidance_scale: float = option(SAMPLING_DEFAULTS.guidance_scale,
+                                              "Guidance scale of the validation grids.", ge=0, run_only=True)
+    validation_scheduler: str = option(SAMPLING_DEFAULTS.scheduler, "Sampler name for validation grids.",
+                                       run_only=True)
     enable_xformers_memory_efficient_attention: bool = option(False, "xFormers attention on CUDA; elsewhere "
                                                                      "PyTorch's SDPA is kept (with a message).",
                                                               run_only=True)
@@ -476,6 +480,24 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def help_with_default(text: str, default: Any, shown: str | None = None) -> str:
+    """``text`` ending in ``(default: VALUE).``, unless the default is None or False (the text says what happens
+    then) or the text speaks of its default already. ``shown`` replaces ``VALUE`` (argparse's ``%(default)s``)."""
+    if default is None or default is False or "default" in text.lower():
+        return text
+    value = str(default).replace("%", "%%") if shown is None else shown
+    return f"{text.rstrip('.')} (default: {value})."
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with every flag's default (:func:`help_with_default`); the description keeps its lines."""
+
+    def _get_help_string(self, action):
+        if not action.option_strings or action.default is argparse.SUPPRESS:
+            return action.help
+        return help_with_default(action.help or "", action.default, "%(default)s")
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str, with_defaults: bool = False) -> None:
     """One flag per field of ``cls``. Unset flags are absent from the parsed namespace (so that a config file
     fills what the command line leaves out), or hold the field's default with ``with_defaults``. Booleans work
@@ -484,9 +506,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str, wi
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
         base, _ = _unwrap_optional(hints[f.name])
-        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default) \
-            if with_defaults else argparse.SUPPRESS
-        kwargs: dict[str, Any] = dict(default=default, help=f.metadata.get("help", ""))
+        field_default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kwargs: dict[str, Any] = dict(default=field_default if with_defaults else argparse.SUPPRESS,
+                                      help=help_with_default(f.metadata.get("help", ""), field_default))
         if base is bool:
             kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
         elif typing.get_origin(base) is list:
@@ -501,8 +523,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str, wi
 def build_stage_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
     """The command line of ``training/train_<stage>.py``: ``--config`` plus a flag for every schema field."""
     spec = STAGES[stage]
-    parser = argparse.ArgumentParser(prog=spec.script, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=spec.script, description=description, formatter_class=DefaultsHelpFormatter,
+                                     epilog="The defaults shown are the schema's: the --config file overrides them, "
+                                            "and a flag overrides both.")
     parser.add_argument("--config", required=True, help="Stage config JSON (configs/<size>/<stage>.json).")
     add_dataclass_arguments(parser, spec.training_class, "training")
     add_dataclass_arguments(parser, DataConfig, "data")

@@ -6,8 +6,12 @@
     push_to_hub("runs/demo/pipeline", "user/ldm-shapes", token=None, private=False)
 
 The card's YAML metadata comes from ``huggingface_hub.ModelCardData`` (``library_name``, ``pipeline_tag``, ``tags``,
-``license``, ``base_model`` when a stage started from a pretrained model, else the tag ``trained-from-scratch``); the
-text lists each stage's training (steps, minutes, held-out metrics, config) read from the files the stages write:
+``license``, ``datasets`` for a Hub dataset, ``base_model`` when a stage started from a pretrained model, else the
+tag ``trained-from-scratch``). The text: a title naming the model (the Hub repo id, else the output directory's
+name, or its parent's for the stage-named folders that ``training/run_demo.py`` writes), a usage snippet that
+works for whoever reads it (the Hub repo id, else a ``path/to/pipeline`` placeholder: never a path of the machine
+that wrote it), the ``ldm-eval`` scores with their command and settings, a sample grid copied beside the card, and
+each stage's training (steps, minutes, held-out metrics, config) read from the files the stages write:
 ``text_encoder_metrics.json``, ``vae_metrics.json``, ``unet_metrics.json`` and ``train_log.jsonl``.
 """
 
@@ -19,12 +23,18 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from ldm_pipeline.schedulers import SAMPLING_DEFAULTS
 
 STAGES = ("text_encoder", "vae", "unet")
 METRICS_FILES = {stage: f"{stage}_metrics.json" for stage in STAGES}
 TRAIN_LOG = "train_log.jsonl"
 SAMPLES_FILE = "samples.png"
 STAGE_TITLES = {"text_encoder": "Text encoder", "vae": "VAE (AutoencoderKL)", "unet": "U-Net (UNet2DConditionModel)"}
+MODEL_KINDS = {"pipeline": "text-to-image model", "text_encoder": "text encoder", "vae": "VAE", "unet": "U-Net"}
+STAGE_DIR_NAMES = ("pipeline", "text_encoder_stage", "vae_stage")  # training/run_demo.py's output folders
+PIPELINE_PLACEHOLDER = "path/to/pipeline"
 STAGE_LIBRARIES = {"text_encoder": "transformers", "vae": "diffusers", "unet": "diffusers"}
 METRIC_NAMES = {
     "top1": "held-out text-to-image retrieval top-1",
@@ -104,12 +114,17 @@ def stage_section(summary: dict[str, Any], base_model: str | None) -> str:
     return "\n".join(lines)
 
 
-def evaluation_section(report: dict[str, Any]) -> str:
+def evaluation_section(report: dict[str, Any], command: str | None = None) -> str:
+    """The GenEval-style scores of an ``ldm-eval`` ``report.json``, with the command that made it and its settings."""
     scores = report.get("scores", {})
-    lines = ["## Evaluation", "", "GenEval-style scores (`ldm-eval`, each image judged from its pixels):", "",
-             "| category | score |", "|---|---:|"]
+    lines = ["## Evaluation", "", "GenEval-style scores (`ldm-eval`, each image judged from its pixels):", ""]
+    if command:
+        lines += ["```bash", command, "```", ""]
+    lines += ["| category | score |", "|---|---:|"]
     lines += [f"| {category} | {score:.3f} |" for category, score in scores.items()]
     lines.append("")
+    if report.get("num_images"):
+        lines.append(f"- images: {report['num_images']}")
     if report.get("fid") is not None:
         lines.append(f"- classifier FID: {report['fid']:.3f}")
     if report.get("inception_fid") is not None:
@@ -120,22 +135,77 @@ def evaluation_section(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def display_path(directory: Path) -> str:
-    """``directory`` relative to the working directory when it lies below it (a card should not carry the
-    absolute path of the machine it was written on), else as given."""
+def samples_section(sample_grid: str | Path, directory: Path, prompts: Sequence[str] = ()) -> str:
+    """Copy ``sample_grid`` into ``directory`` as ``samples.png`` and show it, captioned with its ``prompts``
+    (one grid row each, as ``ldm-generate`` lays them out)."""
+    if not Path(sample_grid).is_file():
+        raise FileNotFoundError(f"sample grid {sample_grid}: no such image.")
+    shutil.copyfile(sample_grid, directory / SAMPLES_FILE)
+    lines = ["## Samples", "", f"![samples]({SAMPLES_FILE})", ""]
+    if prompts:
+        lines += ["One row per prompt, top to bottom: " + ", ".join(f'"{prompt}"' for prompt in prompts) + ".", ""]
+    return "\n".join(lines)
+
+
+def model_name(directory: Path, hub_model_id: str | None) -> str:
+    """The name a card's title gives the model: the Hub repo id, else the output directory's name, or its parent's
+    when the directory is one of the stage-named folders of ``training/run_demo.py`` (``runs/demo/pipeline``:
+    ``demo``)."""
+    if hub_model_id:
+        return hub_model_id
+    directory = Path(directory).resolve()
+    return directory.parent.name if directory.name in STAGE_DIR_NAMES and directory.parent.name else directory.name
+
+
+def hub_dataset_id(dataset_name: str | None) -> str | None:
+    """``dataset_name`` when it names a Hub dataset (a valid repo id that is not a local path), else None."""
+    if not dataset_name or Path(dataset_name).expanduser().exists():
+        return None
     try:
-        return str(Path(directory).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(directory)
+        validate_repo_id(dataset_name)
+    except HFValidationError:
+        return None
+    return dataset_name
 
 
-def usage_section(repo_or_path: str) -> str:
-    return "\n".join([
-        "## Usage", "", "```python", "from ldm_pipeline import LatentDiffusionPipeline", "",
-        f'pipe = LatentDiffusionPipeline.from_pretrained("{repo_or_path}")',
-        'image = pipe("a red cat", num_inference_steps=20, guidance_scale=5.0).images[0]', "```", "",
-        "Loading runs no code from the model directory; `pip install ldm-pipeline` provides the class.", "",
-    ])
+def data_description(dataset_name: str | None, train_data_dir: str | None) -> str:
+    """How the card names the training data: a Hub dataset with its link, a local folder by its name only, or the
+    built-in shapes data."""
+    hub_id = hub_dataset_id(dataset_name)
+    if hub_id:
+        return f"the Hub dataset [`{hub_id}`](https://huggingface.co/datasets/{hub_id})"
+    local = dataset_name or train_data_dir
+    if local:
+        return f"local data (`{Path(local).name}`)"
+    return "the built-in `shapes` dataset"
+
+
+def usage_section(repo_id: str | None, scheduler_name: str | None) -> str:
+    """Loading with plain Diffusers and with the checking loader; ``repo_id`` None shows a placeholder path."""
+    where = repo_id or PIPELINE_PLACEHOLDER
+    sampler = f"the saved {scheduler_name}, " if scheduler_name else ""
+    lines = [
+        "## Usage", "", "```python", "# pip install ldm-pipeline", "from diffusers import DiffusionPipeline", "",
+        f'pipe = DiffusionPipeline.from_pretrained("{where}")    # a LatentDiffusionPipeline',
+        f'image = pipe("a red cat").images[0]    # {sampler}{SAMPLING_DEFAULTS.num_inference_steps} steps, '
+        f"guidance {SAMPLING_DEFAULTS.guidance_scale:g}",
+        "```", "",
+    ]
+    if repo_id is None:
+        lines += [f"`{PIPELINE_PLACEHOLDER}` stands for the directory that holds this card: put its path there.", ""]
+    lines += [
+        "Installing `ldm-pipeline` registers `LatentDiffusionPipeline` with Diffusers; no code is run from the model "
+        "directory. `from ldm_pipeline import LatentDiffusionPipeline; "
+        f'LatentDiffusionPipeline.from_pretrained("{where}")` loads the same pipeline and checks the directory first '
+        "(component classes, complete weight files, stages that fit together).", "",
+    ]
+    return "\n".join(lines)
+
+
+def saved_scheduler_name(directory: Path) -> str | None:
+    """The class of the scheduler saved in the pipeline ``directory`` (``scheduler/scheduler_config.json``)."""
+    config = read_json(directory / "scheduler" / "scheduler_config.json")
+    return config.get("_class_name") if config else None
 
 
 def write_model_card(
@@ -143,10 +213,13 @@ def write_model_card(
     stage_dirs: Mapping[str, str | Path] | None = None,
     *,
     eval_report: str | Path | None = None,
+    eval_command: str | None = None,
     sample_grid: str | Path | None = None,
+    sample_prompts: Sequence[str] = (),
     base_models: Mapping[str, str] | None = None,
     configs: Mapping[str, str | Path] | None = None,
-    dataset_name: str = "shapes",
+    dataset_name: str | None = None,
+    train_data_dir: str | None = None,
     license: str = "apache-2.0",
     tags: Sequence[str] = (),
     hub_model_id: str | None = None,
@@ -157,7 +230,10 @@ def write_model_card(
     (the card of that stage). Each stage's metrics are read from ``stage_dirs[stage]`` or, when not given, from
     ``directory`` itself. ``base_models`` maps a stage to the pretrained model it started from (absent: trained
     from scratch); ``configs`` maps a stage to its config JSON (shown in the card). ``eval_report`` is an
-    ``ldm-eval`` ``report.json``; ``sample_grid`` an image, copied into ``directory`` as ``samples.png``.
+    ``ldm-eval`` ``report.json`` (its GenEval-style scores), ``eval_command`` the command that wrote it;
+    ``sample_grid`` an image, copied into ``directory`` as ``samples.png``, with one row per ``sample_prompts``.
+    ``dataset_name`` / ``train_data_dir`` are the data flags of the training run: only a Hub dataset goes into the
+    ``datasets`` metadata. ``hub_model_id`` (``user/name``) names the model and is what the usage snippet loads.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -172,43 +248,46 @@ def write_model_card(
             f"{directory} holds neither model_index.json nor a stage metrics file ({', '.join(METRICS_FILES.values())}):"
             " pass a saved pipeline or a stage's --output_dir."
         )
-    library = "diffusers" if is_pipeline else STAGE_LIBRARIES[summaries[0]["stage"]]
+    kind = "pipeline" if is_pipeline else summaries[0]["stage"]
     used_bases = [base_models[s["stage"]] for s in summaries if s["stage"] in base_models]
+    hub_dataset = hub_dataset_id(dataset_name)
     card_data = ModelCardData(
-        library_name=library,
+        library_name="diffusers" if is_pipeline else STAGE_LIBRARIES[kind],
         pipeline_tag="text-to-image" if is_pipeline else None,
         license=license,
         tags=list(dict.fromkeys(["ldm-pipeline", "latent-diffusion", *(["text-to-image"] if is_pipeline else []),
                                  *([] if used_bases else ["trained-from-scratch"]), *tags])),
         base_model=used_bases or None,
-        datasets=[dataset_name] if "/" in dataset_name else None,
+        datasets=[hub_dataset] if hub_dataset else None,
     )
 
-    title = hub_model_id or directory.name
-    kind = "text-to-image latent diffusion pipeline" if is_pipeline else STAGE_TITLES[summaries[0]["stage"]]
-    body = [f"# {title}", "",
-            f"A {kind} trained with ldm-pipeline on the `{dataset_name}` dataset, "
-            + ("every stage trained from scratch." if not used_bases else "starting from " + ", ".join(used_bases) + "."),
-            ""]
+    description = "text-to-image latent diffusion pipeline" if is_pipeline else STAGE_TITLES[kind]
+    origin = "starting from " + ", ".join(used_bases) if used_bases else "every stage trained from scratch"
+    body = [f"# ldm-pipeline {MODEL_KINDS[kind]}: {model_name(directory, hub_model_id)}", "",
+            f"A {description} trained with ldm-pipeline on {data_description(dataset_name, train_data_dir)}, "
+            f"{origin}.", ""]
     if is_pipeline:
-        body.append(usage_section(hub_model_id or display_path(directory)))
-    if summaries:
-        body += ["## Training", ""] + [stage_section(s, base_models.get(s["stage"])) for s in summaries]
+        body.append(usage_section(hub_model_id, saved_scheduler_name(directory)))
     if eval_report is not None:
         report = read_json(Path(eval_report))
         if report is None:
             raise FileNotFoundError(f"--eval_report {eval_report}: no such file (an ldm-eval report.json).")
-        body.append(evaluation_section(report))
+        body.append(evaluation_section(report, eval_command))
     if sample_grid is not None:
-        if not Path(sample_grid).is_file():
-            raise FileNotFoundError(f"sample grid {sample_grid}: no such image.")
-        shutil.copyfile(sample_grid, directory / SAMPLES_FILE)
-        body += ["## Samples", "", f"![samples]({SAMPLES_FILE})", ""]
+        body.append(samples_section(sample_grid, directory, sample_prompts))
+    if summaries:
+        body += ["## Training", ""] + [stage_section(s, base_models.get(s["stage"])) for s in summaries]
 
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body))
     path = directory / "README.md"
     card.save(path)
     return path
+
+
+def create_hub_repo(hub_model_id: str, token: str | None = None, private: bool = False) -> str:
+    """Create the model repo ``hub_model_id`` if needed; returns its full id (``user/name``), the one a card's
+    usage snippet should load."""
+    return HfApi(token=token).create_repo(hub_model_id, private=private, exist_ok=True, repo_type="model").repo_id
 
 
 def push_to_hub(folder: str | Path, hub_model_id: str, token: str | None = None, private: bool = False) -> str:
@@ -219,8 +298,8 @@ def push_to_hub(folder: str | Path, hub_model_id: str, token: str | None = None,
         raise FileNotFoundError(f"{folder} is not a directory: nothing to upload to {hub_model_id}.")
     if not (folder / "README.md").is_file():
         raise FileNotFoundError(f"{folder} has no README.md: call write_model_card({str(folder)!r}) first.")
-    api = HfApi(token=token)
-    repo_id = api.create_repo(hub_model_id, private=private, exist_ok=True, repo_type="model").repo_id
-    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                               ignore_patterns=HUB_IGNORE_PATTERNS, commit_message="Upload with ldm-pipeline")
+    repo_id = create_hub_repo(hub_model_id, token=token, private=private)
+    commit = HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                                              ignore_patterns=HUB_IGNORE_PATTERNS,
+                                              commit_message="Upload with ldm-pipeline")
     return str(getattr(commit, "commit_url", commit))

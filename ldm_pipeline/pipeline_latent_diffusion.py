@@ -1,7 +1,7 @@
 """``LatentDiffusionPipeline``: text-to-image sampling with the three separately trained stages.
 
     pipe = LatentDiffusionPipeline.from_pretrained("runs/demo/pipeline")
-    image = pipe("a red circle left of a blue square", num_inference_steps=50, guidance_scale=4.0).images[0]
+    image = pipe("a red circle left of a blue square").images[0]      # the saved DPM-Solver++, 20 steps, w = 5
 
 Components: ``tokenizer`` + ``text_encoder`` (CLIP or T5, stage 1), ``vae`` (``AutoencoderKL``, stage 2),
 ``unet`` (``UNet2DConditionModel``, stage 3) and a ``scheduler`` (any Diffusers noise scheduler). Sampling:
@@ -42,7 +42,7 @@ from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel
 
 from ldm_pipeline.attention import xformers_unavailable_reason
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
-from ldm_pipeline.schedulers import in_guidance_interval, scheduler_from_name, timestep_sigma
+from ldm_pipeline.schedulers import SAMPLING_DEFAULTS, in_guidance_interval, scheduler_from_name, timestep_sigma
 from ldm_pipeline.vae import vae_scale_factor
 
 logger = logging.getLogger(__name__)
@@ -235,9 +235,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
     needs a missing component raises ``ValueError`` naming it.
 
     ``save_pretrained(dir)`` writes ``model_index.json`` and one folder per component (weights as safetensors, no
-    code); ``LatentDiffusionPipeline.from_pretrained(dir)`` loads it back and never runs code from ``dir``. With
-    Diffusers' generic loader the user names the code: ``DiffusionPipeline.from_pretrained(dir,
-    custom_pipeline=ldm_pipeline.pipeline_latent_diffusion.__file__, trust_remote_code=True)``.
+    code); ``LatentDiffusionPipeline.from_pretrained(dir)`` checks it and loads it back and never runs code from
+    ``dir``. Diffusers' generic ``DiffusionPipeline.from_pretrained(dir)`` gives the same pipeline without those
+    checks: ldm-pipeline registers this class with ``diffusers`` (``ldm_pipeline_diffusers``).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -568,8 +568,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
         prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int = SAMPLING_DEFAULTS.num_inference_steps,
+        guidance_scale: float = SAMPLING_DEFAULTS.guidance_scale,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
@@ -580,7 +580,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
-        guidance_interval: tuple[float, float] | None = None,
+        guidance_interval: tuple[float, float] | None = SAMPLING_DEFAULTS.guidance_interval,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ) -> ImagePipelineOutput | tuple:
@@ -590,9 +590,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
             prompt (`str` or `list[str]`): the prompt(s); or pass `prompt_embeds` instead.
             height, width (`int`, defaults to ``unet.config.sample_size * vae_scale_factor``): image size in pixels,
                 multiples of ``vae_scale_factor``.
-            num_inference_steps (`int`, defaults to 50): scheduler steps.
-            guidance_scale (`float`, defaults to 7.5): ``w`` in ``eps_u + w (eps_c - eps_u)``; ``w <= 1`` disables
-                classifier-free guidance (one U-Net batch per step instead of two).
+            num_inference_steps (`int`, defaults to ``SAMPLING_DEFAULTS.num_inference_steps``, 20): scheduler steps.
+            guidance_scale (`float`, defaults to ``SAMPLING_DEFAULTS.guidance_scale``, 5.0): ``w`` in
+                ``eps_u + w (eps_c - eps_u)``; ``w <= 1`` disables classifier-free guidance (one U-Net batch per
+                step instead of two).
             negative_prompt (`str` or `list[str]`): replaces the empty prompt of the unconditional branch.
             num_images_per_prompt (`int`, defaults to 1): images per prompt.
             eta (`float`, defaults to 0.0): DDIM's ``η``; ``σ_t = η sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev)``.

@@ -8,11 +8,15 @@ recorded in the config; only the sampling rule changes. This is the same as
 ``SchedulerClass.from_config(pipe.scheduler.config)`` plus the few overrides a name implies (DPM-Solver++'s
 ``algorithm_type``). Latents are not confined to [-1, 1], so ``clip_sample`` is False unless the config says
 otherwise (Diffusers' DDPM/DDIM default is pixel-space True).
+
+``SAMPLING_DEFAULTS`` is the one set of sampling settings used wherever none are given: the scheduler a trained
+pipeline is saved with, ``LatentDiffusionPipeline.__call__``, ``ldm-generate``, ``ldm-eval`` and the web page.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -61,6 +65,21 @@ ALIASES = {
     "kdpm2_ancestral": "kdpm2_a",
 }
 SCHEDULER_NAMES = tuple(SCHEDULERS) + tuple(ALIASES)
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampler, steps and guidance used when none are given. DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095) with
+    20 steps and guidance 5 scored best on the demo pipeline, within 0.011 of 250 DDPM steps
+    (docs/sampling.md); ``guidance_interval`` None guides every step."""
+
+    scheduler: str = "dpm++"
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    guidance_interval: tuple[float, float] | None = None
+
+
+SAMPLING_DEFAULTS = SamplingDefaults()
 
 
 def scheduler_from_name(name: str, config: Mapping[str, Any] | SchedulerMixin | None = None) -> SchedulerMixin:

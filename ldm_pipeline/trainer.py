@@ -605,15 +605,19 @@ class StageTrainer:
         return metrics
 
     def write_model_card(self, stage_dirs: dict | None = None, base_models: dict | None = None) -> None:
-        """``OUTPUT_DIR/README.md`` in the Hub's model-card format; uploaded with ``--push_to_hub``."""
-        from ldm_pipeline.model_card import push_to_hub, write_model_card
+        """``OUTPUT_DIR/README.md`` in the Hub's model-card format; uploaded with ``--push_to_hub``, after the Hub
+        repo is created (its full id ``user/name`` is what the card's snippet loads)."""
+        from ldm_pipeline.model_card import create_hub_repo, push_to_hub, write_model_card
 
+        repo_id = self.args.hub_model_id
+        if self.args.push_to_hub:
+            repo_id = create_hub_repo(repo_id or self.output_dir.resolve().name, token=self.args.hub_token)
+        data = self.config.data
         write_model_card(self.output_dir, {**(stage_dirs or {}), self.stage: self.output_dir},
                          base_models=base_models, configs={self.stage: self.config.path} if self.config.path else None,
-                         dataset_name=self.config.data.source, hub_model_id=self.args.hub_model_id)
+                         dataset_name=data.dataset_name, train_data_dir=data.train_data_dir, hub_model_id=repo_id)
         if self.args.push_to_hub:
-            url = push_to_hub(self.output_dir, self.args.hub_model_id or self.output_dir.resolve().name,
-                              token=self.args.hub_token)
+            url = push_to_hub(self.output_dir, repo_id, token=self.args.hub_token)
             self.print(f"Pushed {self.output_dir} to the Hub: {url}")
 
     def images_per_second(self) -> float:

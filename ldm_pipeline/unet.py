@@ -23,6 +23,7 @@ from ldm_pipeline.caching import fingerprint_model, fingerprint_tokenizer
 from ldm_pipeline.config import UNetTrainingConfig, closest
 from ldm_pipeline.diffusion import add_noise, diffusion_loss, sample_noise, sample_timesteps, training_target
 from ldm_pipeline.durable import atomic_directory
+from ldm_pipeline.schedulers import SAMPLING_DEFAULTS, scheduler_from_name
 from ldm_pipeline.trainer import ema_weights
 from ldm_pipeline.text_encoder import text_hidden_size
 from ldm_pipeline.vae import vae_scale_factor
@@ -87,6 +88,16 @@ class DenoisingObjective:
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
         return diffusion_loss(model_pred, target, timesteps, alphas_cumprod, self.prediction_type, self.snr_gamma)
 
+
+
+def sampling_scheduler(noise_scheduler: DDPMScheduler, name: str = SAMPLING_DEFAULTS.scheduler):
+    """The sampler ``name`` on the training noise schedule, exactly as ``pipe.set_scheduler(name)`` builds it on a
+    pipeline saved with ``noise_scheduler``: every value of its config carries over (betas, ``prediction_type``,
+    ``clip_sample=False``, and the ones it took by default, ``timestep_spacing="leading"`` and ``steps_offset=0``,
+    which Diffusers would otherwise replace by the new class's defaults). ``train_unet.py`` saves the pipeline with
+    ``SAMPLING_DEFAULTS.scheduler`` (DPM-Solver++), the sampler the defaults were measured with."""
+    config = {key: value for key, value in noise_scheduler.config.items() if key != "_use_default_values"}
+    return scheduler_from_name(name, config)
 
 
 def frozen_stage_fingerprints(vae, text_encoder, tokenizer) -> dict[str, str]:

@@ -5,8 +5,8 @@ Images (decoded as a viewer shows them; `ldm_pipeline.data.datasets.to_rgb` and 
 Metadata (`--train_data_dir` imagefolders): null or missing captions, missing file names, non-UTF-8 files,
 malformed or non-object JSON lines, Excel CSV (byte-order mark, CRLF), unquoted commas, list captions.
 Unreadable images: found where decoded, named, or skipped with --skip_bad_images (deterministic replacement,
-counted across DataLoader workers). `ldm-generate` and `ldm-export-shapes`: flags checked before any work,
-one line per error.
+counted across DataLoader workers). `ldm-generate`, `ldm-eval`'s sampling flags and `ldm-export-shapes`: flags
+checked before any work, one line per error.
 """
 
 import argparse
@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm_pipeline.cli_eval import main as eval_main
 from ldm_pipeline.cli_generate import build_parser, generate
 from ldm_pipeline.cli_generate import main as generate_main
 from ldm_pipeline.data import add_data_args, build_dataset, collate_examples, preprocess_image
@@ -307,7 +308,7 @@ def test_all_images_unreadable_is_an_error_not_an_endless_loop(tmp_path):
         train[0]
 
 
-# ------------------------------------------------------------------------------------------ ldm-generate, ldm-export-shapes
+# ------------------------------------------------------------------------------- ldm-generate, ldm-eval, ldm-export-shapes
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -324,6 +325,22 @@ def test_generate_rejects_bad_values_before_loading(tmp_path, capsys, flag, valu
         generate_main(["--model", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "out"), flag, value])
     assert exit_info.value.code == 2
     assert f"ldm-generate: error: argument {flag}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--steps", "0", "must be a positive integer, got 0"),
+    ("--guidance_scale", "nan", "must be a finite number, got nan"),
+    ("--guidance_interval", "-1", "must be a noise level >= 0"),
+])
+def test_eval_rejects_bad_sampling_values_before_loading(tmp_path, capsys, flag, value, message):
+    """ldm-eval takes ldm-generate's sampling flags (``add_sampling_args``), with the same checks."""
+    argv = ["--model", str(tmp_path), "--out", str(tmp_path / "out"), flag, value]
+    argv += ["1"] if flag == "--guidance_interval" else []  # its second bound
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(argv)
+    assert exit_info.value.code == 2
+    assert f"ldm-eval: error: argument {flag}: {message}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -4,6 +4,7 @@ also on a user imagefolder."""
 import json
 from pathlib import Path
 
+import yaml
 from PIL import Image
 
 from ldm_pipeline import LatentDiffusionPipeline
@@ -31,8 +32,21 @@ def test_main_job_runs_all_stages_and_writes_a_summary(tmp_path):
     assert "retrieval" in (out / "summary.md").read_text()
 
     pipe = LatentDiffusionPipeline.from_pretrained(summary["pipeline"])
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"  # the sampling defaults' sampler
     image = pipe("a red cat", num_inference_steps=2, output_type="np").images
     assert image.shape[0] == 1 and image.shape[-1] == 3
+
+    # The pipeline's model card: the run's name, the scores with the command that made them, the sample grid.
+    pipeline_dir = Path(summary["pipeline"])
+    card = (pipeline_dir / "README.md").read_text()
+    front_matter = yaml.safe_load(card.split("---")[1])
+    assert front_matter["library_name"] == "diffusers" and front_matter["pipeline_tag"] == "text-to-image"
+    assert "datasets" not in front_matter and "\n# ldm-pipeline text-to-image model: demo\n" in card
+    assert "ldm-eval --model path/to/pipeline --out eval --num_images 2 --scheduler ddim --steps 2 " \
+           "--guidance_scale 2.0 --seed 0" in card
+    assert f"| overall | {scores['overall']:.3f} |" in card and "![samples](samples.png)" in card
+    assert (pipeline_dir / "samples.png").read_bytes() == Path(summary["sample_grid"]).read_bytes()
+    assert str(tmp_path) not in card
 
 
 def test_skip_existing_reuses_finished_stages(tmp_path, monkeypatch):
@@ -42,6 +56,7 @@ def test_skip_existing_reuses_finished_stages(tmp_path, monkeypatch):
     marker.write_text("{}")
     launched = []
     monkeypatch.setattr(run_demo, "run", lambda command, log_path: launched.append(command) or 1.0)
+    monkeypatch.setattr(run_demo, "write_model_card", lambda *args, **kwargs: None)
     run_demo.main(["--config_dir", str(REPO / "configs" / "tiny"), "--output_dir", str(out), "--skip_existing"])
     scripts = [" ".join(command) for command in launched]
     assert not any("train_text_encoder.py" in s for s in scripts)
@@ -97,7 +112,9 @@ def test_data_flags_reach_every_stage_and_own_data_is_judged_by_the_text_stage(t
             (eval_dir / "judgements.json").write_text(json.dumps([{"caption": f"a photo {i % 20}"} for i in range(30)]))
         return 1.0
 
+    cards = []
     monkeypatch.setattr(run_demo, "run", fake_run)
+    monkeypatch.setattr(run_demo, "write_model_card", lambda directory, stage_dirs, **kwargs: cards.append(kwargs))
     run_demo.main(["--config_dir", str(REPO / "configs" / "tiny"), "--output_dir", str(out),
                    "--train_data_dir", "my_folder", "--caption_column", "caption", "--random_flip"])
     for command in launched[:4]:
@@ -109,6 +126,9 @@ def test_data_flags_reach_every_stage_and_own_data_is_judged_by_the_text_stage(t
     assert evaluation[evaluation.index("--text_stage") + 1] == str(out.resolve() / "text_encoder_stage")
     prompts = [samples[i + 1] for i, arg in enumerate(samples) if arg == "--prompt"]
     assert prompts == [f"a photo {i}" for i in range(run_demo.NUM_USER_SAMPLE_PROMPTS)]
+    (card,) = cards  # own data: the grid of held-out captions, no shapes scores, the folder as local data
+    assert card["sample_prompts"] == prompts and card["eval_report"] is None
+    assert card["train_data_dir"] == "my_folder" and card["dataset_name"] is None
 
 
 def test_main_job_on_a_user_imagefolder(tmp_path):

@@ -9,7 +9,6 @@ import math
 import re
 import json
 import logging
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
-    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -32,7 +30,7 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.pipeline_latent_diffusion import check_guidance_interval
-from ldm_pipeline.schedulers import timestep_sigma
+from ldm_pipeline.schedulers import SAMPLING_DEFAULTS, timestep_sigma
 from ldm_pipeline.cli_generate import main as generate_main
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 
@@ -167,39 +165,6 @@ def test_save_load_round_trip_gives_identical_images(pipe, pipeline_dir):
     np.testing.assert_array_equal(run(loaded), run(pipe))
 
 
-def test_diffusion_pipeline_from_pretrained_runs_only_code_the_user_names(pipe, pipeline_dir, tmp_path, monkeypatch):
-    import diffusers.utils.dynamic_modules_utils as dynamic_modules
-
-    import ldm_pipeline.pipeline_latent_diffusion as module
-
-    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    with pytest.raises(AttributeError, match="LatentDiffusionPipeline"):
-        DiffusionPipeline.from_pretrained(pipeline_dir)  # the directory names a class but carries no code
-    loaded = DiffusionPipeline.from_pretrained(pipeline_dir, custom_pipeline=module.__file__, trust_remote_code=True)
-    loaded.set_progress_bar_config(disable=True)
-    assert type(loaded).__name__ == "LatentDiffusionPipeline"
-    np.testing.assert_array_equal(run(loaded), run(pipe))
-
-
-def test_code_in_an_older_pipeline_directory_is_never_run(pipe, pipeline_dir, tmp_path):
-    """Older saves wrote ``["pipeline_latent_diffusion", "LatentDiffusionPipeline"]`` and a .py file beside it; a
-    downloaded directory of that form (here with a file that would leave a marker) loads without running it."""
-    import shutil
-
-    directory = tmp_path / "old_style"
-    shutil.copytree(pipeline_dir, directory)
-    marker = tmp_path / "code_was_run"
-    (directory / "pipeline_latent_diffusion.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    model_index = json.loads((directory / "model_index.json").read_text())
-    model_index["_class_name"] = ["pipeline_latent_diffusion", "LatentDiffusionPipeline"]
-    (directory / "model_index.json").write_text(json.dumps(model_index))
-    loaded = LatentDiffusionPipeline.from_pretrained(directory)
-    loaded.set_progress_bar_config(disable=True)
-    assert not marker.exists()
-    np.testing.assert_array_equal(run(loaded), run(pipe))
-
-
 def test_from_pretrained_on_a_directory_without_a_pipeline(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no pipeline.*model_index.json"):
@@ -262,7 +227,8 @@ def test_returned_tensors_are_ordinary_tensors(pipe):
 def test_return_dict_false_returns_a_tuple(pipe):
     output = pipe(PROMPTS[0], num_inference_steps=2, output_type="np", return_dict=False, generator=seeded())
     assert isinstance(output, tuple) and len(output) == 1
-    np.testing.assert_array_equal(output[0], run(pipe, PROMPTS[0], steps=2, guidance_scale=7.5))
+    expected = run(pipe, PROMPTS[0], steps=2, guidance_scale=SAMPLING_DEFAULTS.guidance_scale)  # the default
+    np.testing.assert_array_equal(output[0], expected)
 
 
 def test_height_width_default_and_override(pipe):
@@ -450,6 +416,7 @@ def test_cli_guidance_interval_flag(tiny_pipeline_dir, tmp_path, capsys):
     generate_main(argv)
     pipe = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
+    pipe.set_scheduler(SAMPLING_DEFAULTS.scheduler)  # ldm-generate's default sampler
     expected = pipe("a red cat", num_inference_steps=3, guidance_scale=3.0, guidance_interval=(1.0, math.inf),
                     generator=seeded(0)).images[0]
     image = next((tmp_path / "cli").glob("000_000*.png"))

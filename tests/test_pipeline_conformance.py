@@ -29,6 +29,7 @@ from conftest import (
     make_tiny_unet,
 )
 from ldm_pipeline import LatentDiffusionPipeline
+from ldm_pipeline.schedulers import SAMPLING_DEFAULTS
 from test_pipeline import make_reference_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,7 +184,8 @@ def test_num_images_per_prompt_with_prompt_embeds(components):
 def test_dict_and_tuple_outputs_are_equal(components):
     pipe = make_pipeline(components)
     (from_tuple,) = pipe(PROMPTS, num_inference_steps=2, output_type="np", generator=seeded(), return_dict=False)
-    np.testing.assert_array_equal(from_tuple, sample(pipe, num_inference_steps=2, guidance_scale=7.5))
+    np.testing.assert_array_equal(from_tuple, sample(pipe, num_inference_steps=2,
+                                                     guidance_scale=SAMPLING_DEFAULTS.guidance_scale))
 
 
 def test_guidance_cut_off_in_a_callback_as_in_stable_diffusion(components):

@@ -69,7 +69,8 @@ def test_end_to_end_saves_a_loadable_pipeline(trained):
 
     pipe = LatentDiffusionPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.scheduler.config.clip_sample is False
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"  # SAMPLING_DEFAULTS' sampler
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++" and pipe.scheduler.config.clip_sample is False
     assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 32
     assert pipe.unet.config.sample_size == RESOLUTION // 2
@@ -178,6 +179,7 @@ def test_options_v_prediction_ema_accumulation_offset_xformers_fallback(stages, 
                          "--enable_xformers_memory_efficient_attention"))
     assert "scaled_dot_product_attention" in capsys.readouterr().out
     scheduler_config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["_class_name"] == "DPMSolverMultistepScheduler"
     assert scheduler_config["prediction_type"] == "v_prediction" and scheduler_config["clip_sample"] is False
     saved = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     raw = load_file(str(out / "checkpoints" / "checkpoint-2" / "model.safetensors"))

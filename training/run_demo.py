@@ -12,6 +12,10 @@ Each stage is its own `accelerate launch` of a script in training/, exactly as a
     3. train_unet.py          -> OUT/pipeline  (a LatentDiffusionPipeline directory)
     4. ldm-eval               -> OUT/eval/{report.json,report.md,grids}
     5. ldm-generate           -> OUT/samples/grid.png for "a red cat" and a dozen other prompts
+    6. the pipeline's model card (OUT/pipeline/README.md) with the scores, their command and the sample grid
+
+Sampling in steps 4 and 5 uses ``SAMPLING_DEFAULTS`` (DPM-Solver++, 20 steps, guidance 5) unless the config
+directory's ``eval.json`` sets ``scheduler``, ``steps`` or ``guidance_scale``.
 
 The data flags of the training scripts (``--train_data_dir``, ``--dataset_name``, ``--caption_column``, ...) are
 passed to every stage. With your own data, every stage holds out the same ``--num_validation_samples`` items
@@ -34,8 +38,10 @@ import sys
 import time
 from pathlib import Path
 
-from ldm_pipeline.config import DataConfig, add_dataclass_arguments
+from ldm_pipeline.cli_eval import sampling_flags
+from ldm_pipeline.config import DataConfig, DefaultsHelpFormatter, add_dataclass_arguments
 from ldm_pipeline.errors import run_cli
+from ldm_pipeline.model_card import PIPELINE_PLACEHOLDER, write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,12 +69,12 @@ DATA_FIELDS = [field.name for field in dataclasses.fields(DataConfig)]
 STAGE_NAMES = {"text_encoder": "text encoder", "vae": "VAE", "unet": "U-Net"}
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--config_dir", default=str(REPO / "configs" / "demo"), help="configs/<size> directory.")
-    parser.add_argument("--output_dir", default="runs/demo")
+    parser.add_argument("--output_dir", default="runs/demo", help="Where every stage's output goes.")
     parser.add_argument("--text_encoder_config", default=None,
                         help="Default: CONFIG_DIR/text_encoder.json (or text_encoder_clip.json).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of every stage, the evaluation and the samples.")
     parser.add_argument("--skip_existing", action="store_true",
                         help="Reuse a stage's output when it is already complete in OUTPUT_DIR.")
     parser.add_argument("--num_cpu_threads_per_process", type=int, default=None,
@@ -183,19 +189,22 @@ def main(argv=None) -> dict:
                                                         str(text_dir), "--vae", str(vae_dir), "--output_dir",
                                                         str(pipeline_dir)] + data + seed + extra),
     ]
-    sampling = ["--scheduler", eval_config.get("scheduler", "dpm++"), "--steps", str(eval_config.get("steps", 25)),
-                "--guidance_scale", str(eval_config.get("guidance_scale", 4.0))]
+    sampling = sampling_flags(eval_config)
     evaluation = [sys.executable, "-m", "ldm_pipeline.cli_eval", "--model", str(pipeline_dir), "--out", str(eval_dir)]
+    shapes_evaluation = ["--num_images", str(eval_config.get("num_images", 16))] + sampling + seed
     if own_data:
-        evaluation += ["--text_stage", str(text_dir)] + data
+        evaluation += ["--text_stage", str(text_dir)] + data + sampling + seed
     else:
-        evaluation += ["--num_images", str(eval_config.get("num_images", 16))]
-    stages.append(("evaluation", eval_dir / "report.json", evaluation + sampling + seed + shlex.split(args.eval_args)))
+        evaluation += shapes_evaluation
+    stages.append(("evaluation", eval_dir / "report.json", evaluation + shlex.split(args.eval_args)))
+
+    def sample_prompts() -> list[str]:
+        """The sample grid's prompts: with own data, held-out captions that ldm-eval generated for."""
+        return user_sample_prompts(eval_dir) if own_data else SAMPLE_PROMPTS
 
     def samples_command() -> list[str]:
-        prompts = user_sample_prompts(eval_dir) if own_data else SAMPLE_PROMPTS
         return [sys.executable, "-m", "ldm_pipeline.cli_generate", "--model", str(pipeline_dir),
-                *[arg for prompt in prompts for arg in ("--prompt", prompt)],
+                *[arg for prompt in sample_prompts() for arg in ("--prompt", prompt)],
                 "--num_images", "1", "--grid_scale", "4", "--out", str(samples_dir)] + sampling + seed
 
     stages.append(("samples", samples_dir / "grid.png", samples_command))
@@ -206,6 +215,17 @@ def main(argv=None) -> dict:
             print(f"[{name}] already done: {done_marker}")
             continue
         timings[name] = run(command() if callable(command) else command, logs / f"{name}.log")
+
+    # The card shows the GenEval-style scores of the shapes data (own data is judged by the text stage's towers,
+    # in OUT/eval/report.md) and the sample grid.
+    write_model_card(pipeline_dir, {"text_encoder": text_dir, "vae": vae_dir},
+                     configs={"text_encoder": text_config, "vae": config_dir / "vae.json",
+                              "unet": config_dir / "unet.json"},
+                     eval_report=None if own_data else eval_dir / "report.json",
+                     eval_command=shlex.join(["ldm-eval", "--model", PIPELINE_PLACEHOLDER, "--out", "eval",
+                                              *shapes_evaluation]),
+                     sample_grid=samples_dir / "grid.png", sample_prompts=sample_prompts(),
+                     dataset_name=args.dataset_name, train_data_dir=args.train_data_dir)
 
     summary = {
         "config_dir": str(config_dir),

@@ -13,7 +13,8 @@ Per step (``ldm_pipeline.unet.DenoisingObjective``; DDPM's training algorithm on
 The frozen VAE and text encoder run once over the data and their outputs are cached on disk in shards that all
 processes build together (``--cache_dir``, default OUT/../cache; ``training/cache_latents.py`` builds it ahead),
 unless ``--no_cache`` (the reference loop of Diffusers' train_text_to_image.py: both run on every step). Writes
-the whole pipeline to OUT (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+the whole pipeline to OUT (model_index.json, unet/, vae/, text_encoder/, tokenizer/, and scheduler/: DPM-Solver++
+on the training noise schedule, ``ldm_pipeline.schedulers.SAMPLING_DEFAULTS``),
 OUT/train_log.jsonl ({step, loss, lr, elapsed_s}), OUT/unet_metrics.json, validation grids in
 OUT/validation/step-N.png, tensorboard logs in OUT/logs and resumable states in OUT/checkpoints.
 """
@@ -33,7 +34,6 @@ from ldm_pipeline.diffusion import build_noise_scheduler, caption_dropout_mask
 from ldm_pipeline.errors import run_cli
 from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
-from ldm_pipeline.schedulers import scheduler_from_name
 from ldm_pipeline.text_encoder import load_pretrained_text_encoder
 from ldm_pipeline.trainer import StageTrainer
 from ldm_pipeline.unet import (
@@ -41,6 +41,7 @@ from ldm_pipeline.unet import (
     build_unet,
     frozen_stage_fingerprints,
     sample_validation_images,
+    sampling_scheduler,
     save_unet_snapshot,
 )
 from ldm_pipeline.vae import load_vae
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     def validate() -> None:
         if args.validation_prompts:
             with trainer.ema_weights(model):
-                images = sample_validation_images(pipeline(scheduler_from_name(args.validation_scheduler,
-                                                                               noise_scheduler.config)), args)
+                images = sample_validation_images(pipeline(sampling_scheduler(noise_scheduler,
+                                                                              args.validation_scheduler)), args)
             trainer.log_images("validation", images)
 
     # 5. Training loop.
@@ -146,10 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
             if trainer.validation_due():
                 trainer.on_main_process(validate)
 
-    # 6. Save the whole pipeline (EMA weights when --use_ema) and a last validation grid.
+    # 6. Save the whole pipeline (EMA weights when --use_ema, the default sampler) and a last validation grid.
     def save() -> dict:
         model.eval()
-        pipeline(noise_scheduler).save_pretrained(trainer.output_dir, safe_serialization=True)
+        pipeline(sampling_scheduler(noise_scheduler)).save_pretrained(trainer.output_dir, safe_serialization=True)
         validate()
         images_per_second = trainer.images_per_second()
         trainer.print(f"Saved pipeline to {trainer.output_dir} ({images_per_second:.1f} images/s).")

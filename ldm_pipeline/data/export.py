@@ -21,6 +21,7 @@ import tarfile
 from dataclasses import asdict
 from pathlib import Path
 
+from ..config import DefaultsHelpFormatter
 from ..errors import run_cli
 from .shapes import CATEGORIES, SPLITS, ShapesDataset
 
@@ -83,12 +84,12 @@ def export_shapes_shards(out: str | os.PathLike, num_samples: int, resolution: i
 
 def export_main(argv: list[str] | None = None) -> None:
     """Parse ``argv`` and export; errors are ordinary exceptions (`main` turns them into one line)."""
-    parser = argparse.ArgumentParser(prog="ldm-export-shapes",
+    parser = argparse.ArgumentParser(prog="ldm-export-shapes", formatter_class=DefaultsHelpFormatter,
                                      description="Export the built-in shapes dataset as an imagefolder or tar shards.")
     parser.add_argument("--out", required=True, help="Output folder (images/ and metadata.jsonl are written in it).")
-    parser.add_argument("--num_samples", type=int, required=True)
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_samples", type=int, required=True, help="Number of image-caption pairs.")
+    parser.add_argument("--resolution", type=int, default=64, help="Side of the square images in pixels.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the shapes data (as --data_seed in training).")
     parser.add_argument("--split", choices=tuple(SPLITS), default="train",
                         help="Which random stream of the seed: the same one build_dataset uses for that split.")
     parser.add_argument("--categories", nargs="+", choices=CATEGORIES, default=None,

@@ -36,6 +36,7 @@ from ldm_pipeline.evaluation.memorization import (
     memorization_summary,
     nearest_training_images,
 )
+from ldm_pipeline.schedulers import SAMPLING_DEFAULTS
 
 NUM_CLOSEST_PAIRS = 8
 TRAIN_BATCH_SIZE = 64
@@ -68,8 +69,10 @@ class TrainingSetScan:
 
 
 def evaluate_on_user_data(pipe, towers: StageOneTowers, heldout_dataset, train_dataset=None, out=None,
-                          num_images: int | None = None, seed: int = 0, num_inference_steps: int = 25,
-                          guidance_scale: float = 4.0, batch_size: int = 16, k: int = DEFAULT_K,
+                          num_images: int | None = None, seed: int = 0,
+                          num_inference_steps: int = SAMPLING_DEFAULTS.num_inference_steps,
+                          guidance_scale: float = SAMPLING_DEFAULTS.guidance_scale, batch_size: int = 16,
+                          k: int = DEFAULT_K,
                           percentile: float = DEFAULT_PERCENTILE, max_train_images: int | None = None,
                           grid_images: int = 16, model_name: str = "pipeline", report_fields: dict | None = None,
                           inception=None, guidance_interval: tuple[float, float] | None = None
