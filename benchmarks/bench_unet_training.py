@@ -42,10 +42,7 @@ def build_random_stages(size: str, root: Path, resolution: int) -> tuple[Path, P
     from ldm_pipeline.text_encoder import build_text_encoder, train_tokenizer
     from ldm_pipeline.vae import build_vae
 
-    text_config_path = REPO / "configs" / size / "text_encoder.json"
-    if not text_config_path.is_file():
-        text_config_path = REPO / "configs" / size / "text_encoder_clip.json"
-    text_config = json.loads(text_config_path.read_text())["model"]
+    text_config = json.loads((REPO / "configs" / size / "text_encoder.json").read_text())["model"]
     captions = [ShapesDataset(400, 16, seed=0)[i]["caption"] for i in range(400)]
     tokenizer_config = text_config.get("tokenizer", {})
     tokenizer = train_tokenizer(captions, tokenizer_config.get("vocab_size", 512), tokenizer_config.get("model_max_length", 32))

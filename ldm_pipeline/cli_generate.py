@@ -25,6 +25,7 @@ import torch
 from diffusers.utils import make_image_grid
 from PIL import Image
 
+from ldm_pipeline.config import CommandParser
 from ldm_pipeline.errors import run_cli
 from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline, check_guidance_interval
 from ldm_pipeline.schedulers import SCHEDULER_NAMES
@@ -64,7 +65,7 @@ def noise_level(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm-generate", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="ldm-generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Pipeline directory (LatentDiffusionPipeline.save_pretrained).")
     parser.add_argument("--prompt", action="append", required=True, help="A prompt; repeat for several.")
     parser.add_argument("--negative_prompt", default=None, help="Negative prompt used for every prompt.")

@@ -4,6 +4,7 @@ also on a user imagefolder."""
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from ldm_pipeline import LatentDiffusionPipeline
@@ -53,16 +54,17 @@ def test_every_config_set_trains_its_stages_at_one_resolution():
     asked to encode images it never saw (and the text encoder's image tower learns on the same images)."""
     for config_dir in sorted(p for p in (REPO / "configs").iterdir() if p.is_dir() and p.name != "accelerate"):
         resolutions = {}
-        for name in ("text_encoder.json", "text_encoder_clip.json", "vae.json", "unet.json"):
+        for name in ("text_encoder.json", "vae.json", "unet.json"):
             path = config_dir / name
             if path.exists():
                 resolutions[name] = json.loads(path.read_text())["data"]["resolution"]
-        assert "vae.json" in resolutions and "unet.json" in resolutions, config_dir
+        assert set(resolutions) == {"text_encoder.json", "vae.json", "unet.json"}, config_dir  # configs/<size>/<stage>.json
         assert len(set(resolutions.values())) == 1, f"{config_dir.name}: {resolutions}"
 
 
 def test_data_flags_reach_every_stage_and_own_data_is_judged_by_the_text_stage(tmp_path, monkeypatch):
-    out = tmp_path / "mine"
+    out, folder = tmp_path / "mine", tmp_path / "my_folder"
+    export_main(["--out", str(folder), "--num_samples", "30", "--resolution", "16"])
     launched = []
 
     def fake_run(command, log_path):
@@ -74,13 +76,19 @@ def test_data_flags_reach_every_stage_and_own_data_is_judged_by_the_text_stage(t
         return 1.0
 
     monkeypatch.setattr(run_demo, "run", fake_run)
-    run_demo.main(["--config_dir", str(REPO / "configs" / "tiny"), "--output_dir", str(out),
-                   "--train_data_dir", "my_folder", "--caption_column", "caption", "--random_flip"])
+    (folder / "metadata.jsonl").write_text((folder / "metadata.jsonl").read_text().replace('"text":', '"caption":'))
+    demo = ["--config_dir", str(REPO / "configs" / "tiny"), "--output_dir", str(out), "--train_data_dir", str(folder),
+            "--caption_column", "caption", "--random_flip"]
+    with pytest.raises(ValueError, match=r"--num_held_out_samples 16 holds out more than half of the 30 items"):
+        run_demo.main(demo + ["--num_held_out_samples", "16"])
+    assert launched == []  # refused before the first stage
+    summary = run_demo.main(demo + ["--num_held_out_samples", "5"])
+    assert summary["held_out"].startswith("held-out slice: 5 of 30 items")
     for command in launched[:4]:
         flags = command[command.index("--train_data_dir"):]
-        assert flags[:2] == ["--train_data_dir", "my_folder"] and "--random_flip" in flags
+        assert flags[:2] == ["--train_data_dir", str(folder)] and "--random_flip" in flags
         assert flags[flags.index("--caption_column") + 1] == "caption"
-        assert flags[flags.index("--num_validation_samples") + 1] == str(run_demo.USER_DATA_VALIDATION_SAMPLES)
+        assert flags[flags.index("--num_held_out_samples") + 1] == "5" and "--num_validation_samples" not in flags
     evaluation, samples = launched[3], launched[4]
     assert evaluation[evaluation.index("--text_stage") + 1] == str(out.resolve() / "text_encoder_stage")
     prompts = [samples[i + 1] for i, arg in enumerate(samples) if arg == "--prompt"]
@@ -94,10 +102,14 @@ def test_main_job_on_a_user_imagefolder(tmp_path):
     export_main(["--out", str(folder), "--num_samples", "48", "--resolution", "32"])
     out = tmp_path / "mine"
     summary = run_demo.main(["--config_dir", str(REPO / "configs" / "tiny"), "--output_dir", str(out),
-                             "--train_data_dir", str(folder), "--num_validation_samples", "8"])
+                             "--train_data_dir", str(folder), "--num_held_out_samples", "8"])
 
     report = summary["evaluation"]
     assert summary["data"] == str(folder) and report["num_images"] == 8
+    splits = [json.loads((out / stage / "data_split.json").read_text())
+              for stage in ("text_encoder_stage", "vae_stage", "pipeline")]
+    assert all(split == splits[0] for split in splits) and splits[0]["num_held_out"] == 8
+    assert report["held_out_sha256"] == splits[0]["held_out_sha256"]  # ldm-eval evaluated on what no stage saw
     assert set(report["alignment"]) == {"generated", "real", "shuffled"}
     assert report["memorization"]["num_train_images"] == 40
     assert 0.0 <= report["fidelity"]["precision"] <= 1.0

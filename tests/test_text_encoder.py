@@ -33,7 +33,7 @@ from ldm_pipeline.text_encoder import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = {arch: REPO / "configs" / "tiny" / f"text_encoder_{arch}.json" for arch in ("clip", "t5")}
+TINY = {"clip": REPO / "configs" / "tiny" / "text_encoder.json", "t5": REPO / "configs" / "tiny" / "text_encoder_t5.json"}
 CAPTIONS = [
     "a red cat", "a blue house", "two green stars", "a red cat left of a blue house",
     "a yellow car above a purple heart", "three orange circles", "a red cat",
@@ -437,19 +437,19 @@ def test_dataset_captions_are_those_of_the_split_items(tmp_path):
 
     make_imagefolder(tmp_path / "folder", 12)
     for data in ({"num_train_samples": 10, "num_validation_samples": 5},
-                 {"train_data_dir": str(tmp_path / "folder"), "num_validation_samples": 4}):
+                 {"train_data_dir": str(tmp_path / "folder"), "num_held_out_samples": 3}):
         for split in ("train", "validation"):
             dataset = build_dataset(DataConfig(resolution=32, **data), split=split)
             assert dataset_captions(dataset) == [dataset[i]["caption"] for i in range(len(dataset))]
-    assert len(dataset) == 4
+    assert len(dataset) == 3
 
 
 def test_train_script_on_an_imagefolder(tmp_path):
     make_imagefolder(tmp_path / "folder", 24)
     metrics = run_stage("text_encoder", ["--config", str(TINY["clip"]), "--output_dir", str(tmp_path / "out"), "--train_data_dir",
-                          str(tmp_path / "folder"), "--num_validation_samples", "8", "--max_train_steps", "1",
+                          str(tmp_path / "folder"), "--num_held_out_samples", "6", "--max_train_steps", "1",
                           "--checkpointing_steps", "1"])
-    assert metrics["num_pairs"] == 8 and metrics["train_steps"] == 1
+    assert metrics["num_pairs"] == 6 and metrics["train_steps"] == 1
     check_saved_stage(tmp_path / "out", CLIPTextModel)
 
 

@@ -77,7 +77,7 @@ def test_non_finite_loss_is_an_error():
 
 
 @pytest.mark.parametrize("name, kind, processes", [
-    ("cpu_2_processes", "MULTI_GPU", 2), ("single_gpu", "NO", 1), ("multi_gpu", "MULTI_GPU", 8),
+    ("cpu_2_processes", "MULTI_GPU", 2), ("single_process", "NO", 1), ("single_gpu", "NO", 1), ("multi_gpu", "MULTI_GPU", 8),
     ("fsdp", "FSDP", 8), ("deepspeed_zero2", "DEEPSPEED", 8), ("multi_node", "MULTI_GPU", 16)])
 def test_accelerate_configs_parse_as_accelerate_reads_them(name, kind, processes):
     """configs/accelerate/*.yaml, as ``accelerate launch --config_file`` loads them (the CPU one is launched by
@@ -99,7 +99,7 @@ def test_option_added_since_a_checkpoint_is_no_difference_at_its_default():
     from ldm_pipeline.config import load_stage_config
     from ldm_pipeline.trainer import fingerprint_differences
 
-    config = load_stage_config("text_encoder", ["--config", "configs/tiny/text_encoder_clip.json", "--output_dir", "x"])
+    config = load_stage_config("text_encoder", ["--config", "configs/tiny/text_encoder.json", "--output_dir", "x"])
     current = json.loads(json.dumps(config.fingerprint(), default=str))
     defaults = json.loads(json.dumps(config.option_defaults(), default=str))
     saved = json.loads(json.dumps(current))
