@@ -136,11 +136,11 @@ def prepare_output_dir(out: str) -> Path:
 def generate(args: argparse.Namespace) -> list[Path]:
     """Write the images and the grid for parsed ``args``; returns their paths (the grid last)."""
     device = resolve_device(args.device)
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
     if args.scheduler:
         pipe.set_scheduler(args.scheduler)
     check_guidance_interval(args.guidance_interval, pipe.scheduler)
-    pipe = pipe.to(device, DTYPES[args.dtype])
+    pipe = pipe.to(device)  # the dtype is set by loading: Diffusers warns about every cast with to(dtype)
     if args.enable_xformers_memory_efficient_attention:
         pipe.enable_xformers_memory_efficient_attention()
     out_dir = prepare_output_dir(args.out)

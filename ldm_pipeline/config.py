@@ -143,6 +143,9 @@ class TrainingConfig:
     report_to: str = option("tensorboard", "Trackers: tensorboard, all or none.",
                             choices=("tensorboard", "all", "none"), run_only=True)
     logging_dir: str | None = option(None, "Tensorboard directory (default OUTPUT_DIR/logs).", run_only=True)
+    logging_steps: int = option(100, "Print a line with the mean loss of the last N steps every N steps (above the "
+                                     "progress bar; every step's loss is in OUTPUT_DIR/train_log.jsonl).", gt=0,
+                                run_only=True)
     use_ema: bool = option(False, "Keep an exponential moving average of the weights and save it as the model.")
     ema_decay: float = option(0.999, "EMA decay.", ge=0, le=1)
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.",

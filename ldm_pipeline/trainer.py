@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ldm_pipeline.config import StageConfig
 from ldm_pipeline.errors import is_disk_full
+from ldm_pipeline.logs import configure_training_logs, loss_line
 from ldm_pipeline.threads import ThreadGovernor
 
 logger = logging.getLogger(__name__)
@@ -398,7 +399,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, glo
         if total_limit is not None and total_limit > 0:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old)
-        logger.info("Saved checkpoint %s", final)
+        logger.debug("Saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
 
@@ -588,7 +589,7 @@ class StageTrainer:
         if self.accelerator.device.type == "cpu" and args.mixed_precision != "no":
             raise ValueError(f"--mixed_precision {args.mixed_precision} was asked for on a CPU: train in fp32 "
                              "(--mixed_precision no).")
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        configure_training_logs()
         set_seed(args.seed)
         check_writable(self.output_dir, "--output_dir")  # every process checks: none is left waiting for one
         self._check_fresh_run()                          # that stopped with an error
@@ -599,6 +600,7 @@ class StageTrainer:
         self.ema = None
         self.fingerprint: dict | None = None
         self._running: dict[str, float] = {}
+        self._losses_since_line: list[float] = []  # the losses of the next --logging_steps line
         self._elapsed_before = 0.0
         self._data_fingerprint: str | None = None
         self.dataset = None
@@ -811,6 +813,12 @@ class StageTrainer:
         self.progress.set_postfix(loss=f"{self._running.get('loss', float('nan')):.4f}")
         self.accelerator.log({f"train/{k}": v for k, v in self._running.items()}, step=self.global_step)
         self.history.log(step=self.global_step, **self._running, elapsed_s=round(elapsed, 3))
+        self._losses_since_line.append(self._running.get("loss", float("nan")))
+        if self.every(self.args.logging_steps):
+            if self.accelerator.is_local_main_process:
+                self.progress.write(loss_line(self.global_step, self.args.max_train_steps, self._losses_since_line,
+                                              self._running.get("lr")))
+            self._losses_since_line = []
         self._running = {}
         if self.global_step % self.args.checkpointing_steps == 0:
             save_checkpoint(self.accelerator, self.output_dir, self.global_step, self.args.checkpoints_total_limit,
@@ -847,7 +855,9 @@ class StageTrainer:
 
         folder = self.output_dir / name
         folder.mkdir(parents=True, exist_ok=True)
-        make_image_grid(images, rows=1, cols=len(images)).save(folder / f"step-{self.global_step}.png")
+        path = folder / f"step-{self.global_step}.png"
+        make_image_grid(images, rows=1, cols=len(images)).save(path)
+        self.progress.write(f"step {self.global_step}: {name} images written to {path}")
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_images(name, np.stack([np.asarray(i) for i in images]), self.global_step,

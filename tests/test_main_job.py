@@ -35,6 +35,13 @@ def test_main_job_runs_all_stages_and_writes_a_summary(tmp_path):
     image = pipe("a red cat", num_inference_steps=2, output_type="np").images
     assert image.shape[0] == 1 and image.shape[-1] == 3
 
+    logs = {path.name: path.read_text() for path in (out / "logs").glob("*.log")}
+    for name in ("text_encoder.log", "vae.log", "unet.log"):
+        assert "Training" in logs[name], name
+        for noise in ("were not passed to `accelerate launch`", "INFO accelerate.", "Saved checkpoint"):
+            assert noise not in logs[name], (name, noise)
+    assert "should be kept in float32" not in logs["samples.log"]
+
 
 def test_skip_existing_reuses_finished_stages(tmp_path, monkeypatch):
     out = tmp_path / "demo"

@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
         if trainer.end_micro_step(loss=loss, lr=lr_scheduler.get_last_lr()[0]):
             if trainer.every(args.snapshot_steps) and trainer.is_main_process:
-                save_unet_snapshot(model, trainer.ema, trainer.output_dir / "snapshots" / f"step-{trainer.global_step}")
+                snapshot = trainer.output_dir / "snapshots" / f"step-{trainer.global_step}"
+                save_unet_snapshot(model, trainer.ema, snapshot)
+                trainer.progress.write(f"step {trainer.global_step}: U-Net snapshot written to {snapshot}")
             if trainer.validation_due():
                 trainer.on_main_process(validate)
 
