@@ -51,7 +51,7 @@ from ldm_pipeline.trainer import StageTrainer, run_in_process  # noqa: E402
 
 TARGET_MS = 3.0
 STAGES = ("text_encoder", "vae", "unet")
-AS_BEFORE = ["--dataloader_num_workers", "0", "--logging_steps", "1", "--ema_foreach", "false"]
+AS_BEFORE = ["--dataloader_num_workers", "0", "--loss_read_steps", "1", "--ema_foreach", "false"]
 # ------------------------------------------------------------------------------------------------ trivial models
 
 
@@ -304,7 +304,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="Also write the figures as JSON here.")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    fast_path = ["--dataloader_num_workers", str(args.workers), "--logging_steps", "50", "--ema_foreach", "true",
+    fast_path = ["--dataloader_num_workers", str(args.workers), "--loss_read_steps", "50", "--ema_foreach", "true",
                  "--adamw_implementation", "fused"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -80,11 +80,8 @@ def measure(name: str, step, batch: int, steps: int, peak: float) -> dict:
 
 
 def stage_config_path(size: str, stage: str) -> Path:
-    """``configs/<size>/<stage>.json``; a text stage without ``text_encoder.json`` uses ``text_encoder_clip.json``."""
-    path = REPO / "configs" / size / f"{stage}.json"
-    if stage == "text_encoder" and not path.is_file():
-        path = path.with_name("text_encoder_clip.json")
-    return path
+    """``configs/<size>/<stage>.json``."""
+    return REPO / "configs" / size / f"{stage}.json"
 
 
 def training_step(model, loss_fn, optimizer_options: dict | None = None, autocast_dtype: torch.dtype | None = None):

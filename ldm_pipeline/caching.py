@@ -501,7 +501,8 @@ def open_or_build_cache(config, accelerator, dataset, vae, text_encoder, tokeniz
     computed = build_cache(directory, key, dataset, collate_examples, vae, text_encoder, tokenizer, captions,
                            args.cache_shard_size, args.cache_batch_size, STORAGE_DTYPES[args.cache_dtype],
                            accelerator.process_index, accelerator.num_processes, workers)
-    accelerator.print(f"Process {accelerator.process_index} computed {computed} shard(s); waiting for the others.")
+    if accelerator.num_processes > 1:
+        accelerator.print(f"Process {accelerator.process_index} computed {computed} shard(s); waiting for the others.")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not manifest_path.is_file():
         write_manifest(directory, key, split, len(dataset), num_captions, args.cache_shard_size, args.cache_dtype)

@@ -73,7 +73,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, glo
         if total_limit is not None and total_limit > 0:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old)
-        logger.info("Saved checkpoint %s", final)
+        logger.debug("Saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
 

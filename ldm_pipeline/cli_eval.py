@@ -10,7 +10,10 @@
 With ``--text_stage``, the images are generated for the held-out captions of the data selected by the training
 data flags and judged by the stage-1 towers (``ldm_pipeline.evaluation.user_data``): prompt alignment with its
 ceiling and floor, FID and precision/recall in the image tower's features, and memorization against the
-training split. Otherwise:
+training split. The held-out items are those every stage held out (``ldm_pipeline.data.split``); when the
+``data_split.json`` of ``--model`` or ``--text_stage`` shows that run trained on some of them (other
+``--data_seed`` or ``--num_held_out_samples``, or changed data), the evaluation stops with an error naming it.
+Otherwise:
 
 Generates ``--num_images`` images per category for the fixed prompt set ``make_prompt_set(num_images, seed)``
 (image ``k`` from noise seeded ``seed * 1_000_003 + k``), scores them from their pixels
@@ -33,10 +36,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from ldm_pipeline.cli_generate import add_sampling_args
-from ldm_pipeline.config import DefaultsHelpFormatter, data_config_from_args
+from ldm_pipeline.cli_generate import add_sampling_args, noise_level
+from ldm_pipeline.config import CommandParser, data_config_from_args
 from ldm_pipeline.data import add_data_args, build_dataset
+from ldm_pipeline.data.datasets import data_split_record
 from ldm_pipeline.data.shapes import CATEGORIES
+from ldm_pipeline.data.split import HELD_OUT_SLICE, check_not_trained_on, describe_split
 from ldm_pipeline.errors import run_cli
 from ldm_pipeline.evaluation.classifier import WEIGHTS_DIR, load_object_classifier
 from ldm_pipeline.evaluation.feature_metrics import DEFAULT_K
@@ -68,8 +73,7 @@ def sampling_flags(eval_config: dict) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm-eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=DefaultsHelpFormatter)
+    parser = CommandParser(prog="ldm-eval", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="Pipeline directory (LatentDiffusionPipeline.save_pretrained).")
     source.add_argument("--real", action="store_true", help="Score the dataset's own renders (sanity check).")
@@ -195,11 +199,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--text_stage evaluates a pipeline: pass --model PIPELINE (not --real or --vae).")
 
 
-def load_split(args: argparse.Namespace, split: str):
-    """The ``split`` of the data that the training data flags in ``args`` select, read deterministically
-    (centre crop, no flip) at ``args.resolution``."""
+def held_out_and_training_data(args: argparse.Namespace) -> tuple:
+    """``(held-out dataset, training dataset, split record)`` of the data that the training data flags in ``args``
+    select, read deterministically (centre crop, no flip) at ``args.resolution``. The held-out dataset is every
+    held-out item of a held-out slice (else the first ``--num_validation_samples`` of the validation split); a
+    held-out item that ``--model`` or ``--text_stage`` trained on is an error (``check_not_trained_on``)."""
     data = dataclasses.replace(data_config_from_args(args), random_crop=False, random_flip=False, center_crop=True)
-    return build_dataset(data, split=split)
+    record = data_split_record(data)
+    check_not_trained_on(record, {"--model": args.model, "--text_stage": args.text_stage}, "ldm-eval")
+    if record["kind"] == HELD_OUT_SLICE:
+        data = dataclasses.replace(data, num_validation_samples=record["num_held_out"])
+    return build_dataset(data, split="validation"), build_dataset(data, split="train"), record
 
 
 def evaluate_user_data(args: argparse.Namespace) -> dict:
@@ -210,7 +220,7 @@ def evaluate_user_data(args: argparse.Namespace) -> dict:
     pipe = load_pipeline(args)
     if args.resolution is None:
         args.resolution = pipe.default_height_width()[0]
-    heldout_dataset, train_dataset = load_split(args, "validation"), load_split(args, "train")
+    heldout_dataset, train_dataset, split = held_out_and_training_data(args)
     towers = load_stage_one_towers(args.text_stage, fit_dataset=train_dataset)
     return evaluate_on_user_data(
         pipe, towers, heldout_dataset, train_dataset, out=args.out, num_images=args.num_images, seed=args.seed,
@@ -219,6 +229,7 @@ def evaluate_user_data(args: argparse.Namespace) -> dict:
         grid_images=args.grid_images, model_name=str(args.model), report_fields={
             "unet": args.unet, "text_stage": str(args.text_stage),
             "data": args.train_data_dir or args.dataset_name or "built-in shapes",
+            "held_out": describe_split(split), "held_out_sha256": split["held_out_sha256"],
             "inception_fid_note": f"FID Inception-v3 pool features, {args.inception_weights}"
             if args.inception_weights else INCEPTION_FID_NOT_REQUESTED},
         inception=load_fid_inception(args.inception_weights, args.device) if args.inception_weights else None,

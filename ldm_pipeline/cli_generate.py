@@ -26,7 +26,7 @@ import torch
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from ldm_pipeline.config import DefaultsHelpFormatter
+from ldm_pipeline.config import CommandParser
 from ldm_pipeline.errors import run_cli
 from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline, check_guidance_interval
 from ldm_pipeline.schedulers import SAMPLING_DEFAULTS, SCHEDULERS
@@ -66,8 +66,7 @@ def noise_level(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm-generate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=DefaultsHelpFormatter)
+    parser = CommandParser(prog="ldm-generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Pipeline directory (LatentDiffusionPipeline.save_pretrained).")
     parser.add_argument("--prompt", action="append", required=True, help="A prompt; repeat for several.")
     parser.add_argument("--negative_prompt", default=None, help="Negative prompt used for every prompt.")
@@ -147,10 +146,10 @@ def prepare_output_dir(out: str) -> Path:
 def generate(args: argparse.Namespace) -> list[Path]:
     """Write the images and the grid for parsed ``args``; returns their paths (the grid last)."""
     device = resolve_device(args.device)
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
     pipe.set_scheduler(args.scheduler)
     check_guidance_interval(args.guidance_interval, pipe.scheduler)
-    pipe = pipe.to(device, DTYPES[args.dtype])
+    pipe = pipe.to(device)  # the dtype is set by loading: Diffusers warns about every cast with to(dtype)
     if args.enable_xformers_memory_efficient_attention:
         pipe.enable_xformers_memory_efficient_attention()
     out_dir = prepare_output_dir(args.out)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -76,9 +77,15 @@ class DataConfig:
                                                 "kept ('a cat left of a tree' out, 'a tree left of a cat' in): a "
                                                 "test of word order (benchmarks/bench_word_order.py). At most 0.5.",
                                            ge=0, le=0.5)
-    num_validation_samples: int = option(200, "Size of the shapes validation set, or of the held-out slice of "
-                                              "user data.", gt=0)
-    data_seed: int = option(0, "Seed of the shapes data and of held-out slices.", ge=0)
+    num_validation_samples: int = option(200, "Validation items this stage reads: the size of the shapes "
+                                              "validation stream, or the first N of the held-out items of user data "
+                                              "(ldm_pipeline.data.split).", gt=0)
+    num_held_out_samples: int | None = option(None, "Items of user data that no stage trains on: a random slice "
+                                                    "chosen with --data_seed, the same for every stage and ldm-eval "
+                                                    "(pass the same value to each). Default: a tenth of the data, "
+                                                    "at most 200. Data with a validation split or folder, or tar "
+                                                    "shards, hold out that split or whole shards instead.", gt=0)
+    data_seed: int = option(0, "Seed of the shapes data and of the held-out slice of user data.", ge=0)
     max_train_samples: int | None = option(None, "Keep only this many training items.", gt=0)
     streaming: bool = option(False, "Stream the data (datasets.IterableDataset) instead of reading it as a "
                                     "map-style dataset: tar shards, Parquet/Arrow files or a Hub dataset.")
@@ -146,13 +153,14 @@ class TrainingConfig:
     num_threads: int = option(0, "Intra-op CPU threads. 0 (the default): auto, one per core that other processes "
                                  "leave free, re-checked every few seconds, at most OMP_NUM_THREADS when set; N: "
                                  "exactly N (runs then agree bit for bit). Ignored on GPUs.", ge=0, run_only=True)
-    logging_steps: int | None = option(None, "Read the losses from the device, check them for NaN/inf and log "
-                                             "their mean every N steps (and before every checkpoint and the final "
-                                             "save). Default: 1 on a CPU, where a non-finite loss stops the run "
-                                             "before its update is applied; 50 on a GPU, where each read waits for "
-                                             "the device: a non-finite loss then stops the run at the next read, "
-                                             "naming the step it first appeared, before anything is saved.",
-                                         gt=0, run_only=True)
+    loss_read_steps: int | None = option(None, "Read the losses from the device, check them for NaN/inf and "
+                                               "record their mean in OUTPUT_DIR/train_log.jsonl every N steps (and "
+                                               "at every --logging_steps line, checkpoint and the final save). "
+                                               "Default: 1 on a CPU, where a non-finite loss stops the run before "
+                                               "its update is applied; 50 on a GPU, where each read waits for the "
+                                               "device: a non-finite loss then stops the run at the next read, "
+                                               "naming the step it first appeared, before anything is saved.",
+                                           gt=0, run_only=True)
     pin_memory: bool | None = option(None, "Batches in pinned host memory, copied to the GPU without blocking "
                                            "(default: on with CUDA).", run_only=True)
     device_random_draws: bool | None = option(None, "Draw each step's noise, timesteps and caption dropout on the "
@@ -174,6 +182,10 @@ class TrainingConfig:
     report_to: str = option("tensorboard", "Trackers: tensorboard, all or none.",
                             choices=("tensorboard", "all", "none"), run_only=True)
     logging_dir: str | None = option(None, "Tensorboard directory (default OUTPUT_DIR/logs).", run_only=True)
+    logging_steps: int = option(100, "Print a line with the mean loss of the last N steps every N steps (above the "
+                                     "progress bar; the losses of every --loss_read_steps are in "
+                                     "OUTPUT_DIR/train_log.jsonl).", gt=0,
+                                run_only=True)
     use_ema: bool = option(False, "Keep an exponential moving average of the weights and save it as the model.")
     ema_decay: float = option(0.999, "EMA decay.", ge=0, le=1)
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.",
@@ -314,11 +326,18 @@ class StageConfig:
 # --------------------------------------------------------------------------------------------------- checking
 
 
+def closest_match(name: str, candidates: Sequence[str]) -> str | None:
+    """The candidate closest to ``name`` (``difflib``, similarity >= 0.6), or None: the one owner of every "did
+    you mean" (config keys, flags, config file names)."""
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
 def closest(name: str, candidates: Sequence[str]) -> str:
     """`` Did you mean 'x'?`` for the closest candidate, or a list of all of them."""
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    match = closest_match(name, candidates)
     if match:
-        return f" Did you mean {match[0]!r}?"
+        return f" Did you mean {match!r}?"
     return f" Valid keys: {', '.join(sorted(candidates))}."
 
 
@@ -459,7 +478,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
     """The JSON object of a config file, or a ``ConfigError`` naming the file and the position of a syntax error."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Config file not found: {path}. Pass --config configs/<size>/<stage>.json.")
+        raise ConfigError(f"Config file not found: {path}. {_what_exists_instead(path)}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -468,7 +487,64 @@ def read_config_file(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
 
 
+def _what_exists_instead(path: Path) -> str:
+    """``configs/tiny has: eval.json, unet.json, ...; did you mean ...?`` for a config path that does not exist:
+    the JSON files of its folder, or the sub-folders of the nearest folder that exists."""
+    folder = path.parent
+    if folder.is_dir():
+        names = sorted(p.name for p in folder.glob("*.json"))
+        match = closest_match(path.name, names)
+        hint = f" Did you mean {str(folder / match)!r}?" if match else ""
+        return f"{folder} has: {', '.join(names) or 'no .json file'}.{hint}"
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return (f"{path.parent} does not exist; {folder} has the folders: {', '.join(names) or 'none'}. Pass --config "
+            "configs/<size>/<stage>.json.")
+
+
 # --------------------------------------------------------------------------------------------------- command line
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` for every command of the project: an error is one line, ``PROG: error: MESSAGE``
+    with exit status 2 (no usage block), and an unknown flag is named with the closest valid one
+    (``closest_match``), also when it hides a required flag (``--num_smaples`` for ``--num_samples``). ``--help``
+    shows every flag's default (``DefaultsHelpFormatter``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return namespace
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        unknown = [arg for arg in getattr(self, "_given", ()) if self._is_unknown_flag(arg)]
+        if unknown:
+            message = self.unknown_flags_message(unknown)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def _is_unknown_flag(self, arg: str) -> bool:
+        name = arg.split("=", 1)[0]
+        return name.startswith("--") and len(name) > 2 and not any(
+            option == name or (self.allow_abbrev and option.startswith(name)) for option in self._option_string_actions)
+
+    def unknown_flags_message(self, flags: Sequence[str]) -> str:
+        """``unrecognized argument --max_trian_steps: did you mean --max_train_steps? (--help lists the flags)``."""
+        parts = []
+        for flag in flags:
+            match = closest_match(flag.split("=", 1)[0], list(self._option_string_actions))
+            parts.append(f"{flag}: did you mean {match}?" if match else flag)
+        noun = "argument" if len(flags) == 1 else "arguments"
+        return f"unrecognized {noun} {'; '.join(parts)} (--help lists the flags)"
 
 
 def parse_bool(text: str) -> bool:
@@ -523,9 +599,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, title: str, wi
 def build_stage_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
     """The command line of ``training/train_<stage>.py``: ``--config`` plus a flag for every schema field."""
     spec = STAGES[stage]
-    parser = argparse.ArgumentParser(prog=spec.script, description=description, formatter_class=DefaultsHelpFormatter,
-                                     epilog="The defaults shown are the schema's: the --config file overrides them, "
-                                            "and a flag overrides both.")
+    parser = CommandParser(prog=spec.script, description=description,
+                           epilog="The defaults shown are the schema's: the --config file overrides them, "
+                                  "and a flag overrides both.")
     parser.add_argument("--config", required=True, help="Stage config JSON (configs/<size>/<stage>.json).")
     add_dataclass_arguments(parser, spec.training_class, "training")
     add_dataclass_arguments(parser, DataConfig, "data")
@@ -542,7 +618,7 @@ def load_stage_config(stage: str, argv: Sequence[str] | None = None, description
 
 def data_config_from_argv(argv: Sequence[str]) -> DataConfig:
     """A ``DataConfig`` from data flags alone (``["--resolution", "32", "--train_data_dir", "x"]``)."""
-    parser = argparse.ArgumentParser()
+    parser = CommandParser()
     add_dataclass_arguments(parser, DataConfig, "data")
     values = vars(parser.parse_args(list(argv)))
     return build_section(DataConfig, values, {name: f"--{name}" for name in _section_fields(DataConfig)})

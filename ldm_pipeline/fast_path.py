@@ -7,7 +7,7 @@ a switch says otherwise:
 
     dataloader_num_workers  batches made in worker processes (shape rendering, cache reads), not in the loop
     pin_memory              batches in pinned memory, copied to the GPU without blocking the host
-    logging_steps           losses summed on the device and read (and checked for NaN/inf) every N steps, not each
+    loss_read_steps         losses summed on the device and read (and checked for NaN/inf) every N steps, not each
     device_random_draws     the step's noise, timesteps and caption dropout drawn on the GPU from a generator seeded
                             per step (the same seed as on a CPU, so resume stays exact; other numbers than a CPU's)
     allow_tf32              TF32 matrix products and convolutions for what runs in fp32
@@ -31,7 +31,7 @@ import torch
 from ldm_pipeline.config import TrainingConfig
 from ldm_pipeline.threads import available_cores
 
-GPU_LOGGING_STEPS = 50
+GPU_LOSS_READ_STEPS = 50
 MAX_GPU_WORKERS = 8
 
 
@@ -43,7 +43,7 @@ class FastPath:
     mixed_precision: str
     dataloader_num_workers: int
     pin_memory: bool
-    logging_steps: int
+    loss_read_steps: int
     device_random_draws: bool
     allow_tf32: bool
     adamw_implementation: str
@@ -85,7 +85,7 @@ def resolve_fast_path(args: TrainingConfig, device: torch.device, local_processe
         mixed_precision=auto(args.mixed_precision, "bf16" if supports_bf16(device) else "no", "no", cuda),
         dataloader_num_workers=auto(args.dataloader_num_workers, gpu_workers(local_processes), 0, cuda),
         pin_memory=auto(args.pin_memory, True, False, cuda),
-        logging_steps=auto(args.logging_steps, GPU_LOGGING_STEPS, 1, cuda),
+        loss_read_steps=auto(args.loss_read_steps, GPU_LOSS_READ_STEPS, 1, cuda),
         device_random_draws=auto(args.device_random_draws, True, False, cuda),
         allow_tf32=auto(args.allow_tf32, True, False, cuda),
         adamw_implementation=auto(args.adamw_implementation, "fused", "default", cuda),

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ldm_pipeline.config import CommandParser
 from ldm_pipeline.errors import error_line, run_cli
 from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline
 from ldm_pipeline.schedulers import SCHEDULERS
@@ -431,7 +432,7 @@ def create_app(server: ImageServer, model_dir: Path | None = None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm-serve", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="ldm-serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Pipeline directory (LatentDiffusionPipeline.save_pretrained).")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"Address to listen on (default {DEFAULT_HOST}: this machine only).")

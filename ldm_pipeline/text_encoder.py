@@ -44,6 +44,7 @@ from transformers import (
 from ldm_pipeline.config import local_or_hub
 from ldm_pipeline.data.shapes import binding_counterpart, canonical_caption
 from ldm_pipeline.prompt_encoding import tokenize_prompts
+from ldm_pipeline.stage_dirs import check_stage_dirs
 
 ARCHITECTURES = ("clip", "t5")
 PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN = "<pad>", "<unk>", "<s>", "</s>", "<mask>"
@@ -235,6 +236,7 @@ def load_pretrained_text_encoder(
     -> ``T5EncoderModel``.
     """
     name_or_path = local_or_hub(name_or_path, flag)
+    check_stage_dirs({flag: ("text_encoder", name_or_path)})
     root = Path(name_or_path)
     if root.is_dir() and (root / "text_encoder").is_dir() and (root / "tokenizer").is_dir():
         model_path, tokenizer_path = root / "text_encoder", root / "tokenizer"

@@ -55,6 +55,7 @@ from ldm_pipeline.fast_path import (
     set_tf32,
     to_channels_last,
 )
+from ldm_pipeline.logs import configure_training_logs, loss_line
 from ldm_pipeline.stream_loading import (
     StreamLoader,
     check_same_shards,
@@ -223,7 +224,7 @@ class StageTrainer:
         )
         if fast.cuda:
             set_tf32(fast.allow_tf32)
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        configure_training_logs()
         set_seed(args.seed)
         check_writable(self.output_dir, "--output_dir")  # every process checks: none is left waiting for one
         self._check_fresh_run()                          # that stopped with an error
@@ -236,6 +237,7 @@ class StageTrainer:
         self._device_sums: dict[str, torch.Tensor] = {}  # logged values since the last read, summed on the device
         self._host_sums: dict[str, float] = {}           # logged Python numbers since the last read
         self._steps_since_read = 0
+        self._line_loss_sum, self._line_steps = 0.0, 0   # the losses of the next --logging_steps line
         self._parameters: dict[int, list[torch.nn.Parameter]] = {}
         self._first_non_finite: torch.Tensor | None = None  # the first step with a NaN/inf loss (-1: none)
         self._elapsed_before = 0.0
@@ -437,10 +439,10 @@ class StageTrainer:
     def backward(self, loss: torch.Tensor, model: torch.nn.Module) -> None:
         """Stop on a non-finite loss; backpropagate; clip the gradient norm to ``max_grad_norm`` on an update.
 
-        With ``logging_steps`` 1 (a CPU's default) the loss is checked here, before its update is applied. Otherwise
+        With ``loss_read_steps`` 1 (a CPU's default) the loss is checked here, before its update is applied. Otherwise
         the first step with a non-finite loss is only recorded on the device, and the run stops when the losses are
-        next read (``read_losses``: every ``logging_steps``, before every checkpoint and the final save)."""
-        if self.fast.logging_steps == 1:
+        next read (``read_losses``: every ``loss_read_steps``, before every checkpoint and the final save)."""
+        if self.fast.loss_read_steps == 1:
             check_finite_loss(loss, self.global_step)
         else:
             if self._first_non_finite is None:
@@ -483,7 +485,7 @@ class StageTrainer:
             self.ema.step(self._ema_parameters)
         self.progress.update(1)
         checkpoint_due = self.global_step % self.args.checkpointing_steps == 0
-        if checkpoint_due or self.every(self.fast.logging_steps):
+        if checkpoint_due or self.every(self.fast.loss_read_steps) or self.every(self.args.logging_steps):
             self.read_losses()
         if checkpoint_due:
             save_checkpoint(self.accelerator, self.output_dir, self.global_step, self.args.checkpoints_total_limit,
@@ -493,7 +495,8 @@ class StageTrainer:
     def read_losses(self) -> dict[str, float]:
         """Read the summed values of the steps since the last read (one host sync), average them over those steps
         and over processes, stop on a non-finite loss (``NonFiniteLossError``, naming the step it first appeared),
-        and log the means at the current step (progress bar, trackers, ``train_log.jsonl``). Called every
+        and log the means at the current step (progress bar, trackers, ``train_log.jsonl``, and every
+        ``--logging_steps`` a line with the mean loss since the last line). Called every ``loss_read_steps`` and
         ``logging_steps``, before every checkpoint and before the final save."""
         steps, self._steps_since_read = self._steps_since_read, 0
         if not steps:
@@ -516,6 +519,14 @@ class StageTrainer:
         self.progress.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
         self.accelerator.log({f"train/{k}": v for k, v in means.items()}, step=self.global_step)
         self.history.log(step=self.global_step, **means, elapsed_s=round(elapsed, 3))
+        if math.isfinite(means.get("loss", math.nan)):
+            self._line_loss_sum += means["loss"] * steps
+            self._line_steps += steps
+        if self.every(self.args.logging_steps):
+            if self.accelerator.is_local_main_process and self._line_steps:
+                self.progress.write(loss_line(self.global_step, self.args.max_train_steps,
+                                              self._line_loss_sum / self._line_steps, self._line_steps, means.get("lr")))
+            self._line_loss_sum, self._line_steps = 0.0, 0
         return means
 
     def every(self, steps: int | None) -> bool:
@@ -556,7 +567,9 @@ class StageTrainer:
 
         folder = self.output_dir / name
         folder.mkdir(parents=True, exist_ok=True)
-        make_image_grid(images, rows=1, cols=len(images)).save(folder / f"step-{self.global_step}.png")
+        path = folder / f"step-{self.global_step}.png"
+        make_image_grid(images, rows=1, cols=len(images)).save(path)
+        self.progress.write(f"step {self.global_step}: {name} images written to {path}")
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_images(name, np.stack([np.asarray(i) for i in images]), self.global_step,

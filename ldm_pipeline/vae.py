@@ -38,6 +38,7 @@ from diffusers import AutoencoderKL, ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from ldm_pipeline.config import local_or_hub
+from ldm_pipeline.stage_dirs import check_stage_dirs
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +95,11 @@ def load_vae(name_or_path: str, flag: str = "--vae") -> AutoencoderKL:
         except FileNotFoundError:
             raise FileNotFoundError(f"{flag} {name_or_path}: no such directory, so no vae/config.json or config.json "
                                     "there. Pass the VAE stage's output dir.") from None
+    check_stage_dirs({flag: ("vae", name_or_path)})
     if (root / "vae" / "config.json").is_file():
         return AutoencoderKL.from_pretrained(root / "vae")
     if (root / "config.json").is_file():
         return AutoencoderKL.from_pretrained(root)
-    if root.exists():
-        raise FileNotFoundError(f"{flag} {name_or_path}: no vae/config.json or config.json there. Pass the VAE "
-                                "stage's output dir.")
     return AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
 
 

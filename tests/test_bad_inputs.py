@@ -25,6 +25,7 @@ from PIL import Image
 from ldm_pipeline.cli_eval import main as eval_main
 from ldm_pipeline.cli_generate import build_parser, generate
 from ldm_pipeline.cli_generate import main as generate_main
+from ldm_pipeline.config import data_config_from_args
 from ldm_pipeline.data import add_data_args, build_dataset, collate_examples, preprocess_image
 from ldm_pipeline.data.datasets import image_to_tensor, to_rgb
 from ldm_pipeline.data.export import main as export_main
@@ -33,7 +34,7 @@ from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline
 
 def folder_args(root, *extra):
     argv = ["--resolution", "8", "--train_data_dir", str(root), "--num_validation_samples", "1", *extra]
-    return add_data_args(argparse.ArgumentParser()).parse_args(argv)
+    return data_config_from_args(add_data_args(argparse.ArgumentParser()).parse_args(argv))
 
 
 def random_rgb(height, width, seed=0):
@@ -308,6 +309,20 @@ def test_all_images_unreadable_is_an_error_not_an_endless_loop(tmp_path):
         train[0]
 
 
+def test_a_held_out_size_the_data_cannot_spare_is_refused_or_warned(tmp_path):
+    root = write_imagefolder(tmp_path / "data", num_images=12)
+    with pytest.raises(ValueError, match=r"--num_held_out_samples 7 holds out more than half of the 12 items of "
+                                         r".*data, leaving 5 to train on: lower --num_held_out_samples \(e\.g\. 1\)"):
+        build_dataset(folder_args(root, "--num_held_out_samples", "7"), "train")
+    with pytest.warns(UserWarning, match=r"--num_held_out_samples 4 holds out 4 of the 12 items of .*data: every "
+                                         r"stage trains on the other 8 only"):
+        assert len(build_dataset(folder_args(root, "--num_held_out_samples", "4"), "train")) == 8
+    assert len(build_dataset(folder_args(root), "train")) == 11  # the default: a tenth, at least one
+    one = write_imagefolder(tmp_path / "one", num_images=1)
+    with pytest.raises(ValueError, match=r"one has 1 usable item\(s\); at least 2 are needed"):
+        build_dataset(folder_args(one), "train")
+
+
 # ------------------------------------------------------------------------------- ldm-generate, ldm-eval, ldm-export-shapes
 
 
@@ -400,6 +415,30 @@ def test_export_errors_are_one_line(tmp_path, capsys):
         export_main(["--out", str(tmp_path / "export"), "--num_samples", "2", "--resolution", "16"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("ldm-export-shapes: error: ") and "--overwrite" in err
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("ldm-generate", ["--model", "m", "--prompt", "a cat", "--out", "o", "--stepss", "2"]),
+    ("ldm-eval", ["--real", "--out", "o", "--guidance_sacle", "2"]),
+    ("ldm-export-shapes", ["--out", "o", "--num_smaples", "2"]),
+    ("ldm-serve", ["--model", "m", "--prot", "8000"]),
+    ("run_demo.py", ["--output_dirr", "runs/x"]),
+])
+def test_a_misspelt_flag_is_one_line_naming_the_closest_flag(command, argv, capsys):
+    from ldm_pipeline.cli_eval import main as eval_main
+    from ldm_pipeline.serve import main as serve_main
+    from training.run_demo import main as demo_main
+
+    mains = {"ldm-generate": generate_main, "ldm-eval": eval_main, "ldm-export-shapes": export_main,
+             "ldm-serve": serve_main, "run_demo.py": demo_main}
+    with pytest.raises(SystemExit) as exit_info:
+        mains[command](argv)
+    typo = argv[-2]
+    closest = {"--stepss": "--steps", "--guidance_sacle": "--guidance_scale", "--num_smaples": "--num_samples",
+               "--prot": "--port", "--output_dirr": "--output_dir"}[typo]
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"{command}: error: unrecognized argument {typo}: did you mean {closest}? "
+                                       "(--help lists the flags)\n")
 
 
 @pytest.mark.parametrize("kwargs, message", [

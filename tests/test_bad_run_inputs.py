@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,16 @@ def test_an_unknown_model_key_is_named_with_the_closest_argument(tmp_path, stage
         run_stage("unet", unet_args(stages, tmp_path / "out", "--config", str(path)))
 
 
+def test_a_missing_config_file_lists_the_files_that_exist(tmp_path):
+    with pytest.raises(ConfigError, match=r"Config file not found: .*tiny/text_encoders.json\. .*tiny has: eval.json, "
+                                          r"text_encoder.json, text_encoder_t5.json, unet.json, vae.json, "
+                                          r"vae_f8.json\. Did you mean '.*tiny/text_encoder.json'\?"):
+        load_stage_config("text_encoder", ["--config", str(CONFIGS / "text_encoders.json")])
+    with pytest.raises(ConfigError, match=r"configs/small does not exist; .*configs has the folders: accelerate, "
+                                          r"demo, gpu, tiny\."):
+        load_stage_config("vae", ["--config", str(REPO / "configs" / "small" / "vae.json")])
+
+
 # ------------------------------------------------------------------------------------- paths
 
 
@@ -127,6 +138,75 @@ def test_a_missing_relative_stage_path_is_not_taken_for_a_hub_name(tmp_path, mon
     with pytest.raises(FileNotFoundError, match=r"--text_encoder runs/te: no such directory"):
         local_or_hub("runs/te", "--text_encoder")
     assert local_or_hub("org/model", "--text_encoder") == "org/model"  # a Hub name stays one
+
+
+def test_stage_outputs_passed_to_each_others_flags_are_named(stages, tmp_path):
+    with pytest.raises(ValueError, match=r"^--text_encoder .*vae_stage holds a VAE stage output \(vae/\), which "
+                                         r"belongs to --vae; --vae .*text holds a text stage output \(text_encoder/, "
+                                         r"tokenizer/\), which belongs to --text_encoder\. Swap them\.$"):
+        run_stage("unet", unet_args(stages, tmp_path / "out", "--text_encoder", str(stages / "vae_stage"),
+                                    "--vae", str(stages / "text")))
+    with pytest.raises(ValueError, match=r"--text_encoder .*vae_stage/vae holds a VAE \(an AutoencoderKL "
+                                         r"config.json\), which belongs to --vae\.$"):
+        run_stage("unet", unet_args(stages, tmp_path / "out", "--text_encoder", str(stages / "vae_stage" / "vae")))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def user_folder(tmp_path_factory):
+    """40 exported shapes items at 16 px: a held-out slice of 4 by default."""
+    from ldm_pipeline.data.export import export_main
+
+    folder = tmp_path_factory.mktemp("user") / "folder"
+    export_main(["--out", str(folder), "--num_samples", "40", "--resolution", str(RESOLUTION)])
+    return folder
+
+
+def record_split(directory: Path, folder: Path, **data) -> None:
+    """Write the data_split.json a stage trained on ``folder`` with the data settings ``data`` would write."""
+    from ldm_pipeline.config import DataConfig
+    from ldm_pipeline.data.datasets import data_split_record
+    from ldm_pipeline.data.split import write_split_record
+
+    write_split_record(directory, data_split_record(DataConfig(resolution=RESOLUTION, train_data_dir=str(folder),
+                                                               **data)))
+
+
+def test_a_frozen_stage_that_trained_on_the_held_out_items_is_refused(stages, user_folder, tmp_path):
+    """The U-Net stage holds out the items every stage holds out: a VAE stage whose data_split.json shows it trained
+    on some of them (here: another --data_seed) stops the run before it trains."""
+    folder = user_folder
+    vae = tmp_path / "vae_stage"
+    shutil.copytree(stages / "vae_stage", vae)
+    record_split(vae, folder, data_seed=1)
+    with pytest.raises(ValueError, match=r"train_unet.py would hold out items that --vae .*vae_stage trained on: \d of "
+                                         r"its 4 held-out item\(s\) were training data there\. .*--data_seed 1.*"
+                                         r"--data_seed 0"):
+        run_stage("unet", unet_args(stages, tmp_path / "out", "--vae", str(vae), "--train_data_dir", str(folder)))
+    assert not list((tmp_path / "out").glob("checkpoints/*"))
+
+
+def test_ldm_eval_on_items_a_stage_trained_on_is_an_error_naming_both_runs(user_folder, tiny_pipeline_dir, tmp_path):
+    from ldm_pipeline.cli_eval import evaluate_command
+
+    stage = tmp_path / "text_stage"
+    stage.mkdir()
+    record_split(stage, user_folder)  # the default: 4 of the 40 items held out
+    argv = ["--model", str(tiny_pipeline_dir), "--text_stage", str(stage), "--train_data_dir", str(user_folder),
+            "--out", str(tmp_path / "eval")]
+    with pytest.raises(ValueError, match=r"ldm-eval would hold out items that --text_stage .*text_stage trained on: 4 "
+                                         r"of its 8 held-out item\(s\) were training data there\. .*text_stage: "
+                                         r"held-out slice: 4 of 40 items .*--num_held_out_samples default\); ldm-eval: "
+                                         r"held-out slice: 8 of 40 items .*--num_held_out_samples 8\)"):
+        evaluate_command(argv + ["--num_held_out_samples", "8"])
+    changed = tmp_path / "changed"  # the stage trained on it; then 4 rows were added
+    shutil.copytree(user_folder, changed)
+    record_split(stage, changed)
+    metadata = changed / "metadata.jsonl"
+    metadata.write_text(metadata.read_text() + "".join(metadata.read_text().splitlines(True)[:4]))
+    with pytest.raises(ValueError, match=r"the data had 40 items when one run read it and 44 when the other did"):
+        evaluate_command(argv[:5] + [str(changed)] + argv[6:])
+    assert not (tmp_path / "eval").exists()
 
 
 def test_an_unwritable_output_dir_fails_before_the_cache_is_computed(tmp_path, stages):
@@ -236,15 +316,30 @@ def test_a_snapshot_killed_mid_write_leaves_no_snapshot(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------- the command line
 
 
-def test_the_script_prints_one_line_and_exits_2(tmp_path):
-    command = [sys.executable, str(REPO / "training" / "train_vae.py"), "--config", str(CONFIGS / "vae.json"),
-               "--output_dir", str(tmp_path / "o"), "--max_train_steps", "0"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "train_vae.py: error: --max_train_steps = 0 is out of range: it must be > 0."]
-    verbose = subprocess.run(command + ["--verbose"], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+def test_an_error_is_one_line_under_accelerate_launch_and_run_directly(tmp_path, capsys):
+    """The launch line of the docs, ``accelerate launch -q --config_file configs/accelerate/single_process.yaml``:
+    no launch warning, a misspelt flag is one line naming the closest flag, and the exit status is 1 (the launcher's
+    status for any failure of the script). Run directly, a bad value is the same one line with status 2, and
+    --verbose raises it with its traceback."""
+    from ldm_pipeline.errors import run_cli
+    from training.train_vae import main as vae_main
+
+    argv = ["--config", str(CONFIGS / "vae.json"), "--output_dir", str(tmp_path / "o")]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
+               str(REPO / "configs" / "accelerate" / "single_process.yaml"), str(REPO / "training" / "train_vae.py"),
+               *argv, "--max_trian_steps", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == ["train_vae.py: error: unrecognized argument --max_trian_steps: did you mean "
+                                          "--max_train_steps? (--help lists the flags)"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(vae_main, argv + ["--max_train_steps", "0"], prog="train_vae.py")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "train_vae.py: error: --max_train_steps = 0 is out of range: it must be > 0.\n"
+    with pytest.raises(ConfigError, match="--max_train_steps = 0"):
+        run_cli(vae_main, argv + ["--max_train_steps", "0", "--verbose"], prog="train_vae.py")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").glob("*/*.json") if p.stem != "eval"),

@@ -116,9 +116,9 @@ def test_repeated_captions_are_encoded_once(built, tmp_path):
         Image.new("RGB", (RESOLUTION, RESOLUTION), (20 * i, 0, 0)).save(folder / f"{i}.png")
     (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": caption}) + "\n"
                                                    for i, caption in enumerate(captions)))
-    argv = cache_args(stages, tmp_path / "cache", "--train_data_dir", str(folder), "--num_validation_samples", "2")
+    argv = cache_args(stages, tmp_path / "cache", "--train_data_dir", str(folder), "--num_held_out_samples", "2")
     directory = Path(build(argv)["cache_dir"])
-    dataset = build_dataset(DataConfig(resolution=RESOLUTION, train_data_dir=str(folder), num_validation_samples=2))
+    dataset = build_dataset(DataConfig(resolution=RESOLUTION, train_data_dir=str(folder), num_held_out_samples=2))
     distinct = sorted(set(dataset_captions(dataset)))
     assert len(distinct) == 3 and len(dataset) == 10
     assert json.loads((directory / MANIFEST).read_text())["num_captions"] == 3

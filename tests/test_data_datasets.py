@@ -135,22 +135,44 @@ def test_preprocess_resizes_shorter_side_and_centre_crops():
 
 def test_user_folder_loads_and_holds_out_validation(tmp_path):
     root = write_folder(tmp_path / "folder", num_images=10)
-    args = data_args("--resolution", "16", "--train_data_dir", str(root), "--num_validation_samples", "3")
+    args = data_args("--resolution", "16", "--train_data_dir", str(root), "--num_held_out_samples", "2")
     train, validation = build_dataset(args, "train"), build_dataset(args, "validation")
-    assert (len(train), len(validation)) == (7, 3)
-    captions = [train[i]["caption"] for i in range(7)] + [validation[i]["caption"] for i in range(3)]
+    assert (len(train), len(validation)) == (8, 2)
+    captions = [train[i]["caption"] for i in range(8)] + [validation[i]["caption"] for i in range(2)]
     assert sorted(captions) == sorted(f"caption {i}" for i in range(10))
-    assert [validation[i]["caption"] for i in range(3)] == [build_dataset(args, "validation")[i]["caption"]
-                                                            for i in range(3)]
+    assert [validation[i]["caption"] for i in range(2)] == [build_dataset(args, "validation")[i]["caption"]
+                                                            for i in range(2)]
     assert train[0]["pixel_values"].shape == (3, 16, 16)
     csv_root = write_folder(tmp_path / "csv", num_images=4, metadata="csv")
     csv_args = data_args("--resolution", "16", "--train_data_dir", str(csv_root), "--num_validation_samples", "1")
     assert len(build_dataset(csv_args)) == 3
 
 
+def test_the_held_out_items_are_the_same_whatever_a_stage_validates_on(tmp_path):
+    """A held-out slice is a property of the data and --data_seed: the first H of permutation(N) (H = N / 10 by
+    default), whatever --num_validation_samples; a stage validates on the first of them and trains on the rest."""
+    from ldm_pipeline.data.datasets import data_split_record
+
+    root = write_folder(tmp_path / "folder", num_images=30, size=(8, 8))
+    order = np.random.default_rng(0).permutation(30)
+    records, trains = [], []
+    for count in (1, 2, 3, 50):
+        args = data_args("--resolution", "8", "--train_data_dir", str(root), "--num_validation_samples", str(count))
+        records.append(data_split_record(args))
+        assert build_dataset(args, "validation").rows == sorted(order[:min(count, 3)].tolist())
+        trains.append(build_dataset(args, "train").rows)
+    assert all(record == records[0] for record in records) and all(rows == trains[0] for rows in trains)
+    assert records[0]["held_out_ids"] == sorted(order[:3].tolist()) and records[0]["num_items"] == 30
+    assert trains[0] == sorted(set(range(30)) - set(order[:3].tolist()))
+    other_seed = data_split_record(data_args("--resolution", "8", "--train_data_dir", str(root), "--data_seed", "1"))
+    assert other_seed["held_out_ids"] == sorted(np.random.default_rng(1).permutation(30)[:3].tolist())
+    shapes = data_split_record(shapes_args(32, 12, 6))
+    assert (shapes["kind"], shapes["num_held_out"], shapes["held_out_ids"]) == ("shapes", 6, None)
+
+
 def test_corrupt_image_is_named_when_read_or_skipped_and_counted(tmp_path):
     root = write_folder(tmp_path / "folder", num_images=8, corrupt=(2, 6))
-    args = data_args("--resolution", "16", "--train_data_dir", str(root), "--num_validation_samples", "2")
+    args = data_args("--resolution", "16", "--train_data_dir", str(root), "--num_held_out_samples", "2")
     for split in ("train", "validation"):  # the seeded held-out slice of 8 is rows {2, 4}: one bad file per split
         dataset = build_dataset(args, split)
         with pytest.raises(ValueError, match=r"img_[26]\.png \(.*metadata\.jsonl line [37]\).*--skip_bad_images"):

@@ -53,7 +53,7 @@ def contrastive_model():
     items = [shapes_split("train")[i] for i in range(512)]
     captions = [item["caption"] for item in items]
     pixels = torch.stack([item["pixel_values"] for item in items])
-    config = json.loads((REPO / "configs" / "tiny" / "text_encoder_clip.json").read_text())["model"]
+    config = json.loads((REPO / "configs" / "tiny" / "text_encoder.json").read_text())["model"]
     tokenizer = train_tokenizer(captions, vocab_size=200, model_max_length=24)
     model = build_contrastive_model(config, tokenizer)
     tokens = tokenize_prompts(tokenizer, captions)
@@ -251,7 +251,7 @@ def test_ldm_eval_on_user_data_end_to_end(tmp_path, tiny_pipeline_dir, text_stag
     out = tmp_path / "eval"
     report = evaluate_command([
         "--model", str(tiny_pipeline_dir), "--text_stage", str(text_stage_dir), "--train_data_dir", str(user_folder),
-        "--num_validation_samples", "8", "--steps", "2", "--scheduler", "ddim", "--guidance_scale", "2",
+        "--num_held_out_samples", "8", "--steps", "2", "--scheduler", "ddim", "--guidance_scale", "2",
         "--batch_size", "3", "--seed", "1", "--out", str(out)])
     assert report == json.loads((out / "report.json").read_text())
     assert report["num_images"] == 8 and report["settings"]["resolution"] == 16
@@ -270,7 +270,7 @@ def test_ldm_eval_on_user_data_end_to_end(tmp_path, tiny_pipeline_dir, text_stag
 
     again = evaluate_command([
         "--model", str(tiny_pipeline_dir), "--text_stage", str(text_stage_dir), "--train_data_dir", str(user_folder),
-        "--num_validation_samples", "8", "--steps", "2", "--scheduler", "ddim", "--guidance_scale", "2",
+        "--num_held_out_samples", "8", "--steps", "2", "--scheduler", "ddim", "--guidance_scale", "2",
         "--batch_size", "8", "--seed", "1", "--out", str(tmp_path / "again")])
     assert again["alignment"]["generated"]["cosine"] == pytest.approx(report["alignment"]["generated"]["cosine"], abs=1e-5)
     assert again["fidelity"]["fid"] == pytest.approx(report["fidelity"]["fid"], rel=1e-4)

@@ -41,7 +41,7 @@ from ldm_pipeline.text_encoder import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_CLIP = REPO / "configs" / "tiny" / "text_encoder_clip.json"
+TINY_CLIP = REPO / "configs" / "tiny" / "text_encoder.json"
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_binding  # noqa: E402
 

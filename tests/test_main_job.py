@@ -4,6 +4,7 @@ also on a user imagefolder."""
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -47,6 +48,12 @@ def test_main_job_runs_all_stages_and_writes_a_summary(tmp_path):
     assert f"| overall | {scores['overall']:.3f} |" in card and "![samples](samples.png)" in card
     assert (pipeline_dir / "samples.png").read_bytes() == Path(summary["sample_grid"]).read_bytes()
     assert str(tmp_path) not in card
+    logs = {path.name: path.read_text() for path in (out / "logs").glob("*.log")}
+    for name in ("text_encoder.log", "vae.log", "unet.log"):
+        assert "Training" in logs[name], name
+        for noise in ("were not passed to `accelerate launch`", "INFO accelerate.", "Saved checkpoint"):
+            assert noise not in logs[name], (name, noise)
+    assert "should be kept in float32" not in logs["samples.log"]
 
 
 def test_skip_existing_reuses_finished_stages(tmp_path, monkeypatch):
@@ -68,6 +75,7 @@ def test_gpu_demo_recipe_passes_threads_and_extra_flags_to_its_stages(tmp_path, 
     after each config (a CPU dry run: few steps, fp32) and the extra evaluation flags after eval.json's."""
     launched = []
     monkeypatch.setattr(run_demo, "run", lambda command, log_path: launched.append(command) or 1.0)
+    monkeypatch.setattr(run_demo, "write_model_card", lambda *args, **kwargs: None)
     summary = run_demo.main(["--config_dir", str(REPO / "configs" / "gpu_demo"), "--output_dir", str(tmp_path),
                              "--num_cpu_threads_per_process", "1", "--train_args", "--max_train_steps 3 "
                              "--mixed_precision no", "--eval_args", "--num_images 2"])
@@ -92,16 +100,17 @@ def test_every_config_set_trains_its_stages_at_one_resolution():
     asked to encode images it never saw (and the text encoder's image tower learns on the same images)."""
     for config_dir in sorted(p for p in (REPO / "configs").iterdir() if p.is_dir() and p.name != "accelerate"):
         resolutions = {}
-        for name in ("text_encoder.json", "text_encoder_clip.json", "vae.json", "unet.json"):
+        for name in ("text_encoder.json", "vae.json", "unet.json"):
             path = config_dir / name
             if path.exists():
                 resolutions[name] = json.loads(path.read_text())["data"]["resolution"]
-        assert "vae.json" in resolutions and "unet.json" in resolutions, config_dir
+        assert set(resolutions) == {"text_encoder.json", "vae.json", "unet.json"}, config_dir  # configs/<size>/<stage>.json
         assert len(set(resolutions.values())) == 1, f"{config_dir.name}: {resolutions}"
 
 
 def test_data_flags_reach_every_stage_and_own_data_is_judged_by_the_text_stage(tmp_path, monkeypatch):
-    out = tmp_path / "mine"
+    out, folder = tmp_path / "mine", tmp_path / "my_folder"
+    export_main(["--out", str(folder), "--num_samples", "30", "--resolution", "16"])
     launched = []
 
     def fake_run(command, log_path):
@@ -115,20 +124,26 @@ def test_data_flags_reach_every_stage_and_own_data_is_judged_by_the_text_stage(t
     cards = []
     monkeypatch.setattr(run_demo, "run", fake_run)
     monkeypatch.setattr(run_demo, "write_model_card", lambda directory, stage_dirs, **kwargs: cards.append(kwargs))
-    run_demo.main(["--config_dir", str(REPO / "configs" / "tiny"), "--output_dir", str(out),
-                   "--train_data_dir", "my_folder", "--caption_column", "caption", "--random_flip"])
+    (folder / "metadata.jsonl").write_text((folder / "metadata.jsonl").read_text().replace('"text":', '"caption":'))
+    demo = ["--config_dir", str(REPO / "configs" / "tiny"), "--output_dir", str(out), "--train_data_dir", str(folder),
+            "--caption_column", "caption", "--random_flip"]
+    with pytest.raises(ValueError, match=r"--num_held_out_samples 16 holds out more than half of the 30 items"):
+        run_demo.main(demo + ["--num_held_out_samples", "16"])
+    assert launched == []  # refused before the first stage
+    summary = run_demo.main(demo + ["--num_held_out_samples", "5"])
+    assert summary["held_out"].startswith("held-out slice: 5 of 30 items")
     for command in launched[:4]:
         flags = command[command.index("--train_data_dir"):]
-        assert flags[:2] == ["--train_data_dir", "my_folder"] and "--random_flip" in flags
+        assert flags[:2] == ["--train_data_dir", str(folder)] and "--random_flip" in flags
         assert flags[flags.index("--caption_column") + 1] == "caption"
-        assert flags[flags.index("--num_validation_samples") + 1] == str(run_demo.USER_DATA_VALIDATION_SAMPLES)
+        assert flags[flags.index("--num_held_out_samples") + 1] == "5" and "--num_validation_samples" not in flags
     evaluation, samples = launched[3], launched[4]
     assert evaluation[evaluation.index("--text_stage") + 1] == str(out.resolve() / "text_encoder_stage")
     prompts = [samples[i + 1] for i, arg in enumerate(samples) if arg == "--prompt"]
     assert prompts == [f"a photo {i}" for i in range(run_demo.NUM_USER_SAMPLE_PROMPTS)]
     (card,) = cards  # own data: the grid of held-out captions, no shapes scores, the folder as local data
     assert card["sample_prompts"] == prompts and card["eval_report"] is None
-    assert card["train_data_dir"] == "my_folder" and card["dataset_name"] is None
+    assert card["train_data_dir"] == str(folder) and card["dataset_name"] is None
 
 
 def test_main_job_on_a_user_imagefolder(tmp_path):
@@ -138,10 +153,14 @@ def test_main_job_on_a_user_imagefolder(tmp_path):
     export_main(["--out", str(folder), "--num_samples", "48", "--resolution", "32"])
     out = tmp_path / "mine"
     summary = run_demo.main(["--config_dir", str(REPO / "configs" / "tiny"), "--output_dir", str(out),
-                             "--train_data_dir", str(folder), "--num_validation_samples", "8"])
+                             "--train_data_dir", str(folder), "--num_held_out_samples", "8"])
 
     report = summary["evaluation"]
     assert summary["data"] == str(folder) and report["num_images"] == 8
+    splits = [json.loads((out / stage / "data_split.json").read_text())
+              for stage in ("text_encoder_stage", "vae_stage", "pipeline")]
+    assert all(split == splits[0] for split in splits) and splits[0]["num_held_out"] == 8
+    assert report["held_out_sha256"] == splits[0]["held_out_sha256"]  # ldm-eval evaluated on what no stage saw
     assert set(report["alignment"]) == {"generated", "real", "shuffled"}
     assert report["memorization"]["num_train_images"] == 40
     assert 0.0 <= report["fidelity"]["precision"] <= 1.0

@@ -211,7 +211,7 @@ def test_unet_stage_streams_uncached_with_a_message(tmp_path, tiny_stage_dirs, c
 def test_text_encoder_stage_trains_its_tokenizer_on_the_streamed_captions(tmp_path):
     written = shapes_shards(tmp_path / "shards", 3, 8, resolution=32, caption_as="json")
     metrics = run_stage("text_encoder", [
-        "--config", str(REPO / "configs" / "tiny" / "text_encoder_clip.json"), "--output_dir", str(tmp_path / "out"),
+        "--config", str(REPO / "configs" / "tiny" / "text_encoder.json"), "--output_dir", str(tmp_path / "out"),
         "--train_data_dir", str(tmp_path / "shards"), "--streaming", "--train_batch_size", "8",
         "--max_train_steps", "2", "--num_validation_samples", "6", "--report_to", "none"])
     assert metrics["num_pairs"] == 6 and metrics["train_steps"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -35,7 +36,7 @@ from ldm_pipeline.text_encoder import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = {arch: REPO / "configs" / "tiny" / f"text_encoder_{arch}.json" for arch in ("clip", "t5")}
+TINY = {"clip": REPO / "configs" / "tiny" / "text_encoder.json", "t5": REPO / "configs" / "tiny" / "text_encoder_t5.json"}
 CAPTIONS = [
     "a red cat", "a blue house", "two green stars", "a red cat left of a blue house",
     "a yellow car above a purple heart", "three orange circles", "a red cat",
@@ -430,12 +431,24 @@ def test_train_script_clip_end_to_end(clip_run, capsys):
     assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard logs missing"
 
 
-def test_train_script_t5_end_to_end(tmp_path, capsys):
+def test_train_script_t5_end_to_end_with_quiet_logs(tmp_path, capsys, caplog):
+    """A T5 stage with a checkpoint: its log holds no library bookkeeping (Accelerate's seven INFO lines per
+    checkpoint, the shared-tensor warning of T5's tied embedding, the project's own checkpoint line, which is at debug
+    level) but a loss line every --logging_steps."""
+    caplog.set_level(logging.INFO)
     metrics = run_stage("text_encoder", ["--config", str(TINY["t5"]), "--output_dir", str(tmp_path), "--max_train_steps", "4",
-                          "--gradient_accumulation_steps", "2"])
-    assert f"retrieval top1={metrics['top1']:.3f} top5={metrics['top5']:.3f} (32 held-out pairs" in capsys.readouterr().out
+                          "--gradient_accumulation_steps", "2", "--logging_steps", "4"])
+    printed = capsys.readouterr().out
+    assert f"retrieval top1={metrics['top1']:.3f} top5={metrics['top5']:.3f} (32 held-out pairs" in printed
     check_saved_stage(tmp_path, T5EncoderModel)
     assert metrics["architecture"] == "t5" and metrics["train_steps"] == 4
+    assert (tmp_path / "checkpoints" / "checkpoint-4").is_dir()
+    losses = [record["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
+              if "loss" in (record := json.loads(line))]
+    assert f"step 4/4: loss {sum(losses) / 4:.4f} (mean of the last 4 steps), lr " in printed
+    logged = [f"{record.name}: {record.getMessage()}" for record in caplog.records]
+    assert not [line for line in logged if line.startswith(("accelerate.checkpointing", "accelerate.accelerator"))
+                or "shared tensor" in line or "Saved checkpoint" in line], logged
 
 
 def test_train_script_with_the_token_region_and_masked_token_losses_logs_them_and_resumes_exactly(tmp_path):
@@ -512,19 +525,19 @@ def test_dataset_captions_are_those_of_the_split_items(tmp_path):
 
     make_imagefolder(tmp_path / "folder", 12)
     for data in ({"num_train_samples": 10, "num_validation_samples": 5},
-                 {"train_data_dir": str(tmp_path / "folder"), "num_validation_samples": 4}):
+                 {"train_data_dir": str(tmp_path / "folder"), "num_held_out_samples": 3}):
         for split in ("train", "validation"):
             dataset = build_dataset(DataConfig(resolution=32, **data), split=split)
             assert dataset_captions(dataset) == [dataset[i]["caption"] for i in range(len(dataset))]
-    assert len(dataset) == 4
+    assert len(dataset) == 3
 
 
 def test_train_script_on_an_imagefolder(tmp_path):
     make_imagefolder(tmp_path / "folder", 24)
     metrics = run_stage("text_encoder", ["--config", str(TINY["clip"]), "--output_dir", str(tmp_path / "out"), "--train_data_dir",
-                          str(tmp_path / "folder"), "--num_validation_samples", "8", "--max_train_steps", "1",
+                          str(tmp_path / "folder"), "--num_held_out_samples", "6", "--max_train_steps", "1",
                           "--checkpointing_steps", "1"])
-    assert metrics["num_pairs"] == 8 and metrics["train_steps"] == 1
+    assert metrics["num_pairs"] == 6 and metrics["train_steps"] == 1
     check_saved_stage(tmp_path / "out", CLIPTextModel)
 
 

@@ -70,7 +70,7 @@ def test_non_finite_loss_is_an_error():
 
 
 @pytest.mark.parametrize("name, kind, processes", [
-    ("cpu_2_processes", "MULTI_GPU", 2), ("single_gpu", "NO", 1), ("multi_gpu", "MULTI_GPU", 8),
+    ("cpu_2_processes", "MULTI_GPU", 2), ("single_process", "NO", 1), ("single_gpu", "NO", 1), ("multi_gpu", "MULTI_GPU", 8),
     ("fsdp", "FSDP", 8), ("deepspeed_zero2", "DEEPSPEED", 8), ("multi_node", "MULTI_GPU", 16)])
 def test_accelerate_configs_parse_as_accelerate_reads_them(name, kind, processes):
     """configs/accelerate/*.yaml, as ``accelerate launch --config_file`` loads them (the CPU one is launched by
@@ -92,7 +92,7 @@ def test_option_added_since_a_checkpoint_is_no_difference_at_its_default():
     from ldm_pipeline.config import load_stage_config
     from ldm_pipeline.checkpoints import fingerprint_differences
 
-    config = load_stage_config("text_encoder", ["--config", "configs/tiny/text_encoder_clip.json", "--output_dir", "x"])
+    config = load_stage_config("text_encoder", ["--config", "configs/tiny/text_encoder.json", "--output_dir", "x"])
     current = json.loads(json.dumps(config.fingerprint(), default=str))
     defaults = json.loads(json.dumps(config.option_defaults(), default=str))
     saved = json.loads(json.dumps(current))
@@ -104,11 +104,11 @@ def test_option_added_since_a_checkpoint_is_no_difference_at_its_default():
     assert fingerprint_differences(saved, current, defaults=defaults) == ["training.hard_negatives: None -> True"]
 
 
-@pytest.mark.parametrize("logging_steps, expected", [
+@pytest.mark.parametrize("loss_read_steps, expected", [
     (1, [(1, 1.0), (2, 2.0), (3, 6.0), (4, 4.0)]),  # a CPU's default: every step read
     (3, [(3, 3.0), (4, 4.0)]),                      # a GPU's way: the mean of the steps since the last read; the
 ])                                                  # rest before the final save
-def test_losses_are_summed_where_they_are_and_read_every_logging_steps(tmp_path, logging_steps, expected):
+def test_losses_are_summed_where_they_are_and_read_every_loss_read_steps(tmp_path, loss_read_steps, expected):
     from accelerate.state import AcceleratorState
 
     from ldm_pipeline.config import load_stage_config
@@ -116,10 +116,10 @@ def test_losses_are_summed_where_they_are_and_read_every_logging_steps(tmp_path,
     from ldm_pipeline.trainer import TRAIN_LOG, StageTrainer
 
     config = load_stage_config("vae", ["--config", "configs/tiny/vae.json", "--output_dir", str(tmp_path),
-                                       "--report_to", "none", "--logging_steps", str(logging_steps)])
+                                       "--report_to", "none", "--loss_read_steps", str(loss_read_steps)])
     try:
         trainer = StageTrainer(config)
-        assert trainer.fast.logging_steps == logging_steps and not trainer.fast.cuda
+        assert trainer.fast.loss_read_steps == loss_read_steps and not trainer.fast.cuda
         assert config.training.mixed_precision == "no", "auto resolves to fp32 on a CPU (and is fingerprinted so)"
         trainer.start()
         for value in (1.0, 2.0, 6.0, 4.0):

@@ -3,6 +3,8 @@ loadable pipeline, exact resume, cache reuse and invalidation, cache == referenc
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -48,17 +50,27 @@ def losses(out: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def trained(stages, tmp_path_factory):
+    """``(output dir, metrics, what the run printed)``."""
     out = tmp_path_factory.mktemp("run") / "pipeline"
-    metrics = run_stage("unet", base_args(stages, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                                   "--validation_steps", "4", "--report_to", "tensorboard"))
-    return out, metrics
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        metrics = run_stage("unet", base_args(stages, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                                              "--validation_steps", "4", "--report_to", "tensorboard",
+                                              "--logging_steps", "2", "--snapshot_steps", "3"))
+    return out, metrics, printed.getvalue()
 
 
 def test_end_to_end_saves_a_loadable_pipeline(trained):
-    out, metrics = trained
+    out, metrics, printed = trained
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(set(r) == {"step", "loss", "lr", "elapsed_s"} and np.isfinite(r["loss"]) for r in records)
+    for step in (2, 4):  # a loss line every --logging_steps: the mean of the steps since the last one
+        mean = (records[step - 2]["loss"] + records[step - 1]["loss"]) / 2
+        assert f"step {step}/4: loss {mean:.4f} (mean of the last 2 steps), lr {records[step - 1]['lr']:.1e}\n" in printed
+    assert f"step 3: U-Net snapshot written to {out / 'snapshots' / 'step-3'}\n" in printed
+    assert f"step 4: validation images written to {out / 'validation' / 'step-4.png'}\n" in printed
+    assert "waiting for the others" not in printed  # one process waits for no one
     assert metrics["train_steps"] == 4 and metrics["cached"] is True
     assert (out / "validation" / "step-4.png").is_file()
     assert list((out / "logs").rglob("events.out.tfevents*"))
@@ -83,7 +95,7 @@ def test_end_to_end_saves_a_loadable_pipeline(trained):
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(trained, stages, tmp_path):
-    uninterrupted, _ = trained
+    uninterrupted, *_ = trained
     out = tmp_path / "resumed"
     run_stage("unet", base_args(stages, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
     assert len(losses(out)) == 2
@@ -141,7 +153,7 @@ def test_cache_is_reused_and_invalidated(stages, tmp_path, monkeypatch):
 
 def test_cached_training_equals_the_reference_loop(trained, stages, tmp_path):
     """--no_cache runs VAE + text encoder every step (Diffusers' example); same draws -> same losses."""
-    cached, _ = trained
+    cached, *_ = trained
     out = tmp_path / "reference"
     metrics = run_stage("unet", base_args(stages, out, "--max_train_steps", "4", "--no_cache"))
     assert metrics["cached"] is False
@@ -150,7 +162,7 @@ def test_cached_training_equals_the_reference_loop(trained, stages, tmp_path):
 
 @pytest.mark.parametrize("read_every", [
     [],                             # a CPU's default: every loss read and checked before its update
-    ["--logging_steps", "5"],       # a GPU's way: found at step 4, when the checkpoint due there reads the losses
+    ["--loss_read_steps", "5"],     # a GPU's way: found at step 4, when the checkpoint due there reads the losses
 ])
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(stages, tmp_path, monkeypatch, read_every):
     import ldm_pipeline.unet as unet_module

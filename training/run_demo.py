@@ -17,10 +17,15 @@ Each stage is its own `accelerate launch` of a script in training/, exactly as a
 Sampling in steps 4 and 5 uses ``SAMPLING_DEFAULTS`` (DPM-Solver++, 20 steps, guidance 5) unless the config
 directory's ``eval.json`` sets ``scheduler``, ``steps`` or ``guidance_scale``.
 
+Each launch is ``accelerate launch -q --config_file configs/accelerate/single_process.yaml``: one process, no
+warning about launch defaults, and a failing stage prints its one error line (exit status 1) without the
+launcher's traceback.
+
 The data flags of the training scripts (``--train_data_dir``, ``--dataset_name``, ``--caption_column``, ...) are
-passed to every stage. With your own data, every stage holds out the same ``--num_validation_samples`` items
-(default 200), ``ldm-eval --text_stage`` judges the images generated for those held-out captions with the text
-stage's towers (the shapes scorer only applies to shapes data) and the sample grid shows a dozen of them.
+passed to every stage. With your own data, every stage holds out the same items (``ldm_pipeline.data.split``: by
+default a tenth of the data, at most 200; ``--num_held_out_samples`` to change it), printed before the first stage;
+``ldm-eval --text_stage`` judges the images generated for all the held-out captions with the text stage's towers
+(the shapes scorer only applies to shapes data) and the sample grid shows a dozen of them.
 
 It ends with a summary (time per stage, retrieval accuracy, PSNR, GenEval-style scores, sample grid path, the CPU
 threads each training stage used), printed and written to OUT/summary.json and OUT/summary.md.
@@ -39,13 +44,13 @@ import time
 from pathlib import Path
 
 from ldm_pipeline.cli_eval import sampling_flags
-from ldm_pipeline.config import DataConfig, DefaultsHelpFormatter, add_dataclass_arguments
+from ldm_pipeline.config import CommandParser, DataConfig, add_dataclass_arguments
 from ldm_pipeline.errors import run_cli
 from ldm_pipeline.model_card import PIPELINE_PLACEHOLDER, write_model_card
 
 REPO = Path(__file__).resolve().parent.parent
+LAUNCH_CONFIG = REPO / "configs" / "accelerate" / "single_process.yaml"
 
-USER_DATA_VALIDATION_SAMPLES = 200
 NUM_USER_SAMPLE_PROMPTS = 12
 SAMPLE_PROMPTS = [
     "a red cat",
@@ -69,11 +74,11 @@ DATA_FIELDS = [field.name for field in dataclasses.fields(DataConfig)]
 STAGE_NAMES = {"text_encoder": "text encoder", "vae": "VAE", "unet": "U-Net"}
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
+    parser = CommandParser(prog="run_demo.py", description=__doc__)
     parser.add_argument("--config_dir", default=str(REPO / "configs" / "demo"), help="configs/<size> directory.")
     parser.add_argument("--output_dir", default="runs/demo", help="Where every stage's output goes.")
     parser.add_argument("--text_encoder_config", default=None,
-                        help="Default: CONFIG_DIR/text_encoder.json (or text_encoder_clip.json).")
+                        help="Default: CONFIG_DIR/text_encoder.json (configs/tiny/text_encoder_t5.json: a T5 one).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of every stage, the evaluation and the samples.")
     parser.add_argument("--skip_existing", action="store_true",
                         help="Reuse a stage's output when it is already complete in OUTPUT_DIR.")
@@ -146,11 +151,21 @@ def cpu_threads_per_process(requested: int | None) -> int:
 
 
 def accelerate_launch(script: str, threads: int) -> list[str]:
-    """One process; precision and compilation come from the stage's config (``mixed_precision``,
-    ``torch_compile``), which the launcher's defaults do not override."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-            "--num_cpu_threads_per_process", str(threads),
-            "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "training" / script)]
+    """``accelerate launch -q --config_file configs/accelerate/single_process.yaml``: one process, the launch
+    settings named (no warning about defaults), and a failing script's one error line without the launcher's
+    traceback. Precision and compilation come from the stage's config (``mixed_precision``, ``torch_compile``)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(LAUNCH_CONFIG),
+            "--num_cpu_threads_per_process", str(threads), str(REPO / "training" / script)]
+
+
+def held_out_split(args: argparse.Namespace) -> str:
+    """The line that says what every stage holds out of the user's data; a dataset too small for the held-out size
+    asked is refused here, before any stage starts."""
+    from ldm_pipeline.data.datasets import data_split_record
+    from ldm_pipeline.data.split import describe_split
+
+    given = {name: getattr(args, name) for name in DATA_FIELDS if getattr(args, name) is not None}
+    return describe_split(data_split_record(DataConfig(**given)))
 
 
 def read_json(path: Path) -> dict:
@@ -164,13 +179,12 @@ def main(argv=None) -> dict:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     text_config = Path(args.text_encoder_config) if args.text_encoder_config else config_dir / "text_encoder.json"
-    if not text_config.exists():
-        text_config = config_dir / "text_encoder_clip.json"
     eval_config = read_json(config_dir / "eval.json")
     seed = ["--seed", str(args.seed)]
     own_data = uses_own_data(args)
-    if own_data and args.num_validation_samples is None:
-        args.num_validation_samples = USER_DATA_VALIDATION_SAMPLES
+    split = held_out_split(args) if own_data else None
+    if split:
+        print(f"Held out of every stage and evaluated: {split}", flush=True)
     data = data_flags(args)
     threads = cpu_threads_per_process(args.num_cpu_threads_per_process)
     extra = shlex.split(args.train_args)
@@ -231,6 +245,7 @@ def main(argv=None) -> dict:
         "config_dir": str(config_dir),
         "cpu_threads_per_process": threads,
         "data": args.train_data_dir or args.dataset_name or "built-in shapes",
+        "held_out": split,
         "seconds_per_stage": {k: round(v, 1) for k, v in timings.items()},
         "total_minutes": round(sum(timings.values()) / 60, 2),
         "text_encoder": read_json(text_dir / "text_encoder_metrics.json"),
@@ -292,6 +307,8 @@ def format_summary(summary: dict) -> str:
     lines = ["# ldm-pipeline demo summary", ""]
     if summary.get("data", "built-in shapes") != "built-in shapes":
         lines += [f"Data: {summary['data']}", ""]
+        if summary.get("held_out"):
+            lines += [f"Held out of every stage and evaluated: {summary['held_out']}", ""]
     lines += ["| stage | seconds |", "|---|---:|"]
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in summary["seconds_per_stage"].items()]
     lines += [f"| **total** | **{summary['total_minutes'] * 60:.0f}** ({summary['total_minutes']:.1f} min) |", ""]

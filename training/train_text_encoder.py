@@ -1,11 +1,13 @@
 """Stage 1: train a tokenizer and a text encoder (CLIP or T5) with a CLIP contrastive objective.
 
-    accelerate launch training/train_text_encoder.py --config configs/demo/text_encoder.json --output_dir OUT
+    accelerate launch -q --config_file configs/accelerate/single_process.yaml \\
+        training/train_text_encoder.py --config configs/demo/text_encoder.json --output_dir OUT
         [--train_data_dir DIR | --dataset_name NAME] [--pretrained_text_encoder NAME_OR_PATH]
 
 Writes OUT/tokenizer, OUT/text_encoder (safetensors), OUT/image_tower and OUT/text_projection.safetensors (the
 image-text model's other parts, used by ldm-eval --text_stage),
-OUT/text_encoder_metrics.json (held-out text-to-image retrieval top-1/top-5), OUT/train_log.jsonl, tensorboard logs
+OUT/text_encoder_metrics.json (held-out text-to-image retrieval top-1/top-5), OUT/data_split.json (what is held out,
+``ldm_pipeline.data.split``), OUT/train_log.jsonl, tensorboard logs
 in OUT/logs and resumable states in OUT/checkpoints. With --hard_negatives each shapes caption with a binding/order
 counterpart ("a red star and a green box" -> "a green star and a red box") adds it as a text no image matches
 (NegCLIP). With --token_region_weight W > 0 the loss adds W times FILIP's token-wise loss, which asks each token
@@ -24,6 +26,7 @@ from transformers import AutoTokenizer
 
 from ldm_pipeline.config import load_stage_config
 from ldm_pipeline.data import build_dataset, collate_examples, dataset_captions
+from ldm_pipeline.data.split import record_stage_split
 from ldm_pipeline.errors import run_cli
 from ldm_pipeline.model_card import write_model_card
 from ldm_pipeline.prompt_encoding import tokenize_prompts
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 1. Data: image-caption pairs; the held-out split is only read by the main process.
     train_dataset = build_dataset(data, split="train")
+    record_stage_split(data, trainer.output_dir, trainer.is_main_process)
 
     # 2. Tokenizer, trained on the training captions by the main process, then loaded by every process.
     #    A resumed run keeps the tokenizer its checkpoint was trained with.

@@ -1,6 +1,7 @@
 """Stage 3: train a cross-attention U-Net denoiser in the VAE's latent space with the DDPM objective.
 
-    accelerate launch training/train_unet.py --config configs/demo/unet.json --output_dir OUT \\
+    accelerate launch -q --config_file configs/accelerate/single_process.yaml \\
+        training/train_unet.py --config configs/demo/unet.json --output_dir OUT \\
         --text_encoder TEXT_STAGE_OUT --vae VAE_STAGE_OUT [data args] [--use_ema] [--resume_from_checkpoint latest]
 
 Per step (``ldm_pipeline.unet.DenoisingObjective``; DDPM's training algorithm on latents):
@@ -15,7 +16,8 @@ processes build together (``--cache_dir``, default OUT/../cache; ``training/cach
 unless ``--no_cache`` (the reference loop of Diffusers' train_text_to_image.py: both run on every step). Writes
 the whole pipeline to OUT (model_index.json, unet/, vae/, text_encoder/, tokenizer/, and scheduler/: DPM-Solver++
 on the training noise schedule, ``ldm_pipeline.schedulers.SAMPLING_DEFAULTS``),
-OUT/train_log.jsonl ({step, loss, lr, elapsed_s}), OUT/unet_metrics.json, validation grids in
+OUT/train_log.jsonl ({step, loss, lr, elapsed_s}), OUT/unet_metrics.json, OUT/data_split.json (what is held out; a
+frozen stage that trained on some of it is an error), validation grids in
 OUT/validation/step-N.png, tensorboard logs in OUT/logs and resumable states in OUT/checkpoints.
 """
 
@@ -30,10 +32,12 @@ from ldm_pipeline.attention import enable_memory_efficient_attention
 from ldm_pipeline.caching import collate_gathered, open_or_build_cache, sample_latents, training_cache
 from ldm_pipeline.config import load_stage_config
 from ldm_pipeline.data import build_dataset, collate_examples
+from ldm_pipeline.data.split import record_stage_split
 from ldm_pipeline.diffusion import build_noise_scheduler, caption_dropout_mask
 from ldm_pipeline.errors import run_cli
 from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
+from ldm_pipeline.stage_dirs import check_stage_dirs
 from ldm_pipeline.text_encoder import load_pretrained_text_encoder
 from ldm_pipeline.trainer import StageTrainer
 from ldm_pipeline.unet import (
@@ -50,6 +54,7 @@ from ldm_pipeline.vae import load_vae
 def main(argv: list[str] | None = None) -> dict:
     config = load_stage_config("unet", argv, __doc__)
     args, data = config.training, config.data
+    check_stage_dirs({"--text_encoder": ("text_encoder", args.text_encoder), "--vae": ("vae", args.vae)})
     trainer = StageTrainer(config)
     device = trainer.device
 
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. Data: cached VAE posteriors + text embeddings, or raw images and captions (--no_cache).
     train_dataset = build_dataset(data, split="train")
+    record_stage_split(data, trainer.output_dir, trainer.is_main_process, who="train_unet.py",
+                       frozen_runs={"--text_encoder": args.text_encoder, "--vae": args.vae})
     use_cache = not args.no_cache
     if use_cache and (data.random_flip or data.random_crop):
         trainer.print("Random flips/crops change the latents every epoch: latent caching is off for this run.")
@@ -143,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
         if trainer.end_micro_step(loss=loss, lr=lr_scheduler.get_last_lr()[0]):
             if trainer.save_due(args.snapshot_steps) and trainer.is_main_process:
-                save_unet_snapshot(model, trainer.ema, trainer.output_dir / "snapshots" / f"step-{trainer.global_step}")
+                snapshot = trainer.output_dir / "snapshots" / f"step-{trainer.global_step}"
+                save_unet_snapshot(model, trainer.ema, snapshot)
+                trainer.progress.write(f"step {trainer.global_step}: U-Net snapshot written to {snapshot}")
             if trainer.validation_due():
                 trainer.on_main_process(validate)
 

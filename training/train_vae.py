@@ -1,6 +1,7 @@
 """Stage 2: train the AutoencoderKL that defines the latent space, with the LDM autoencoder objective.
 
-    accelerate launch training/train_vae.py --config configs/demo/vae.json --output_dir OUT
+    accelerate launch -q --config_file configs/accelerate/single_process.yaml \\
+        training/train_vae.py --config configs/demo/vae.json --output_dir OUT
         [--train_data_dir DIR | --dataset_name NAME] [--lpips_weights FILE] [--use_ema]
 
 Loss (``ldm_pipeline.vae.AutoencoderLoss``): L1 reconstruction (+ LPIPS when --lpips_weights names a local file)
@@ -12,7 +13,8 @@ is encoded and scaling_factor = 1 / std(latents) is stored in the VAE config, so
 latents.
 
 Writes OUT/vae (AutoencoderKL, safetensors), OUT/vae_metrics.json (held-out PSNR/SSIM, scaling_factor, ...),
-OUT/reconstructions.png (held-out originals above, reconstructions below), OUT/train_log.jsonl, tensorboard logs
+OUT/reconstructions.png (held-out originals above, reconstructions below), OUT/data_split.json (what is held out,
+``ldm_pipeline.data.split``), OUT/train_log.jsonl, tensorboard logs
 in OUT/logs and resumable states in OUT/checkpoints.
 """
 
@@ -23,6 +25,7 @@ from diffusers import AutoencoderKL
 
 from ldm_pipeline.config import load_stage_config
 from ldm_pipeline.data import build_dataset, collate_examples
+from ldm_pipeline.data.split import record_stage_split
 from ldm_pipeline.errors import run_cli
 from ldm_pipeline.trainer import StageTrainer
 from ldm_pipeline.vae import (
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 1. Data: images in [-1, 1]; the held-out split is only read by the main process.
     train_dataset = build_dataset(data, split="train")
+    record_stage_split(data, trainer.output_dir, trainer.is_main_process)
     validation_dataset = build_dataset(data, split="validation") if trainer.is_main_process else None
 
     # 2. Models and loss: the autoencoder, the PatchGAN discriminator, LPIPS if its weights are on disk.

@@ -13,11 +13,12 @@ Sources (first that applies):
   (`StreamingImageCaptionDataset`); ``StageTrainer.dataloader`` shuffles it and splits it across processes.
 - neither: the built-in `shapes` data (`ldm_pipeline.data.shapes`); validation is a disjoint random stream.
 
-The validation split of user data is the dataset's own "validation" (else "test") split, else a held-out slice
-of ``num_validation_samples`` items chosen with ``data_seed`` (the training split is the rest). Tar shards, and
-every source with --streaming, hold out whole shards instead: the last ``num_validation_shards`` data files in name
-order (the same partition with and without --streaming); a streamed validation split is its first
-``num_validation_samples`` items, read into memory.
+What is held out of user data is the same for every stage and ``ldm-eval`` (``ldm_pipeline.data.split``): the
+dataset's own "validation" (else "test") split, else a held-out slice of ``--num_held_out_samples`` items chosen
+with ``data_seed`` (the training split is the rest). Tar shards, and every source with --streaming, hold out whole
+shards instead: the last ``num_validation_shards`` data files in name order (the same partition with and without
+--streaming). A stage's validation split is the first ``num_validation_samples`` of the held-out items (a streamed
+one read into memory); `data_split_record` describes the split for ``OUTPUT_DIR/data_split.json``.
 
 Items are ``{"pixel_values": FloatTensor[3, H, W] in [-1, 1], "caption": str, "index": int}``. Images are read as
 a viewer shows them (`to_rgb`: EXIF orientation, 16-bit grey scaled to 8 bits, transparency on white), then the
@@ -54,6 +55,7 @@ from PIL import ExifTags, Image, ImageOps
 from ldm_pipeline.config import DataConfig, add_dataclass_arguments, config_hash
 
 from . import shapes
+from .split import HELD_OUT_FILES, HELD_OUT_SLICE, OWN_SPLIT, SHAPES, held_out_rows, split_record
 
 logger = logging.getLogger(__name__)
 
@@ -848,19 +850,6 @@ class _RowImages:
         return _image_source(self.values[row], None)[0], self.names[row]
 
 
-def _held_out(num_items: int, num_validation: int, seed: int) -> np.ndarray:
-    """Indices of a seeded random validation slice of ``num_items`` (the same for both splits)."""
-    if num_items < 2:
-        raise ValueError(f"The dataset has {num_items} usable image(s); at least 2 are needed to hold out validation.")
-    if num_validation >= num_items:
-        capped = max(1, num_items // 10)
-        warnings.warn(f"num_validation_samples={num_validation} >= the {num_items} images of the dataset; "
-                      f"holding out {capped} instead.", stacklevel=3)
-        num_validation = capped
-    order = np.random.default_rng(seed).permutation(num_items)
-    return np.sort(order[:num_validation])
-
-
 def build_dataset(data: DataConfig, split: str = "train") -> torch.utils.data.Dataset:
     """The ``split`` ("train" or "validation") of the data ``data`` selects (see the module docstring)."""
     _check_split(split)
@@ -885,14 +874,36 @@ def build_dataset(data: DataConfig, split: str = "train") -> torch.utils.data.Da
     images, captions, held_out = _user_records(data, split)
     rows = list(range(len(images)))
     if held_out:
-        validation = set(_held_out(len(rows), data.num_validation_samples, data.data_seed).tolist())
-        rows = [i for i in rows if (i in validation) == (split == "validation")]
+        held = held_out_rows(len(rows), data.num_held_out_samples, data.data_seed, data.source).tolist()
+        rows = (sorted(held[:data.num_validation_samples]) if split == "validation" else
+                sorted(set(rows) - set(held)))
     if split == "train" and max_train is not None:
         rows = rows[:max_train]
     if not rows:
         raise ValueError(f"The {split} split of {data.source} has no images.")
     return ImageCaptionDataset(images, captions, rows, data.resolution, data.random_crop, data.random_flip,
                                skip_bad_images=data.skip_bad_images)
+
+
+def _holds_out_files(data: DataConfig) -> bool:
+    """Whether the data is read as files, of which whole ones are held out (tar shards, --streaming)."""
+    return data.streaming or (data.dataset_name is None and _is_tar_folder(Path(data.train_data_dir)))
+
+
+def data_split_record(data: DataConfig) -> dict:
+    """What ``data`` holds out (``ldm_pipeline.data.split.split_record``), read from the metadata, the file list or
+    the dataset's splits, without opening an image."""
+    if data.dataset_name is None and data.train_data_dir is None:
+        return split_record(data, SHAPES, num_held_out=data.num_validation_samples)
+    if _holds_out_files(data):
+        files = stream_source(data)[2]["validation"]
+        return split_record(data, HELD_OUT_FILES, held_out_ids=[Path(f).name if os.path.isfile(f) else f
+                                                                for f in files])
+    images, _, held_out = _user_records(data, "train")
+    if not held_out:
+        return split_record(data, OWN_SPLIT)
+    rows = held_out_rows(len(images), data.num_held_out_samples, data.data_seed, data.source)
+    return split_record(data, HELD_OUT_SLICE, num_items=len(images), held_out_ids=rows.tolist())
 
 
 # --------------------------------------------------------------------------------------------- fingerprint
@@ -925,9 +936,10 @@ def dataset_fingerprint(data: DataConfig, split: str = "train") -> str:
             payload["held_out_orders"] = data.shapes_held_out_orders
         return config_hash(payload)
     payload.update(preprocessing=PREPROCESSING_VERSION, image_column=data.image_column,
-                   caption_column=data.caption_column, num_validation_samples=data.num_validation_samples,
+                   caption_column=data.caption_column, num_held_out_samples=data.num_held_out_samples,
+                   num_validation_samples=data.num_validation_samples if split == "validation" else None,
                    skip_bad_images=data.skip_bad_images)
-    if data.streaming or (data.dataset_name is None and _is_tar_folder(Path(data.train_data_dir))):
+    if _holds_out_files(data):
         payload.update(streaming=data.streaming, num_validation_shards=data.num_validation_shards,
                        shuffle_buffer_size=data.shuffle_buffer_size if data.streaming else None)
     if data.dataset_name is None:

@@ -13,7 +13,6 @@ The shards are ``DIR/shard-000000.tar ...`` of ``shard_size`` samples each, samp
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -21,7 +20,7 @@ import tarfile
 from dataclasses import asdict
 from pathlib import Path
 
-from ..config import DefaultsHelpFormatter
+from ..config import CommandParser
 from ..errors import run_cli
 from .shapes import CATEGORIES, SPLITS, ShapesDataset
 
@@ -84,8 +83,8 @@ def export_shapes_shards(out: str | os.PathLike, num_samples: int, resolution: i
 
 def export_main(argv: list[str] | None = None) -> None:
     """Parse ``argv`` and export; errors are ordinary exceptions (`main` turns them into one line)."""
-    parser = argparse.ArgumentParser(prog="ldm-export-shapes", formatter_class=DefaultsHelpFormatter,
-                                     description="Export the built-in shapes dataset as an imagefolder or tar shards.")
+    parser = CommandParser(prog="ldm-export-shapes",
+                           description="Export the built-in shapes dataset as an imagefolder or tar shards.")
     parser.add_argument("--out", required=True, help="Output folder (images/ and metadata.jsonl are written in it).")
     parser.add_argument("--num_samples", type=int, required=True, help="Number of image-caption pairs.")
     parser.add_argument("--resolution", type=int, default=64, help="Side of the square images in pixels.")
