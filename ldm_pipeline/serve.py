@@ -185,7 +185,7 @@ class ImageServer:
         """Sample ``settings.num_images`` images for ``settings.prompt``.
 
         ``on_event`` receives ``{"type": "queued", "ahead": n}`` (requests running or waiting before this one;
-        again whenever that number falls), then ``{"type": "progress", "step": k, "total": n}`` after every
+        again whenever that number falls, down to 0), then ``{"type": "progress", "step": k, "total": n}`` after every
         scheduler step. ``cancel`` (set it through :meth:`cancel`) stops the request while it waits or at its next
         step with :class:`JobCancelled`. Raises ``ValueError`` for settings beyond the limits or that the
         pipeline rejects.
@@ -198,14 +198,13 @@ class ImageServer:
             self._jobs.append(job)
             try:
                 ahead = None
-                while self._jobs.index(job) != 0:
+                while ahead != 0:
                     if self._jobs.index(job) != ahead:
                         ahead = self._jobs.index(job)
                         emit({"type": "queued", "ahead": ahead})
-                    self._line.wait()
-                    self._check_cancelled(job)
-                if ahead is None:
-                    emit({"type": "queued", "ahead": 0})
+                    if ahead:
+                        self._line.wait()
+                        self._check_cancelled(job)
             except BaseException:
                 self._jobs.remove(job)
                 self._line.notify_all()
@@ -548,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         limits = ServeLimits.for_pipeline(pipe, args.max_images, args.max_steps, args.max_side)
         server = ImageServer(pipe, model=args.model, limits=limits)
         app = create_app(server, model_dir if model_dir.is_dir() else None, allowed_origins=args.allow_origin,
-                         trusted_hosts=LOOPBACK_NAMES if is_loopback(args.host) else None)
+                         trusted_hosts=(*LOOPBACK_NAMES, args.host.lower()) if is_loopback(args.host) else None)
         host, port = listener.getsockname()[:2]
         shown_host = f"[{host}]" if ":" in host else host
         print(f"ldm-serve: {args.model} on http://{shown_host}:{port} (Ctrl+C stops)", flush=True)

@@ -174,7 +174,8 @@ class ServeLimits:
         factor = pipe.vae_scale_factor
         train_timesteps = getattr(pipe.scheduler.config, "num_train_timesteps", MAX_STEPS)
         side = max_side if max_side is not None else SIDE_OVER_TRAINED * max(pipe.default_height_width())
-        limits = cls(max_images=max_images or MAX_IMAGES, max_steps=max_steps or min(MAX_STEPS, train_timesteps),
+        limits = cls(max_images=MAX_IMAGES if max_images is None else max_images,
+                     max_steps=min(MAX_STEPS, train_timesteps) if max_steps is None else max_steps,
                      max_side=side // factor * factor, size_step=factor)
         for flag, value in (("max_images", limits.max_images), ("max_steps", limits.max_steps)):
             if value <= 0:

@@ -185,7 +185,7 @@ def test_requests_wait_their_turn_in_arrival_order(server):
     order = [name for name, event in events if event["type"] == "progress"]
     assert order == ["first"] * 4 + ["second"] * 2 + ["third"] * 3
     ahead = {name: [e["ahead"] for n, e in events if n == name and e["type"] == "queued"] for name in queued}
-    assert ahead == {"first": [0], "second": [1], "third": [2, 1]}  # told again when the line moves
+    assert ahead == {"first": [0], "second": [1, 0], "third": [2, 1, 0]}  # told again when the line moves
     assert server.num_jobs == 0
 
 
@@ -278,6 +278,8 @@ def test_limits_are_derived_from_the_model_and_worded_with_the_pages_labels():
         ServeLimits(max_images=2, max_steps=30, max_side=40, size_step=2)
     with pytest.raises(ValueError, match="--max_side 1 is below the VAE factor 2"):
         ServeLimits.for_pipeline(pipe, max_side=1)
+    with pytest.raises(ValueError, match="--max_images must be positive, got 0"):
+        ServeLimits.for_pipeline(pipe, max_images=0)
 
     cases = [
         (dict(num_images=9), "Images must be from 1 to 8 on this server (ldm-serve --max_images), got 9."),

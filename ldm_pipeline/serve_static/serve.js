@@ -47,7 +47,9 @@ function showFacts(facts) {
 }
 
 async function loadInfo() {
-  info = await (await fetch("/api/info")).json();
+  const response = await fetch("/api/info");
+  info = await response.json();
+  if (!response.ok) throw new Error(info.message);
   document.getElementById("model-name").textContent = info.model;
   const scheduler = document.getElementById("scheduler");
   scheduler.add(new Option(`saved (${info.saved_scheduler})`, ""));
@@ -110,7 +112,8 @@ function showHistory() {
     const meta = document.createElement("span");
     meta.className = "meta";
     meta.textContent = `seed ${entry.seed} · ${entry.form.num_images} image(s) · ${entry.form.steps} steps · ` +
-      `${entry.form.scheduler || "saved scheduler"} · ${entry.form.width}x${entry.form.height}`;
+      `${entry.form.scheduler || "saved scheduler"} · ${entry.form.width}x${entry.form.height}` +
+      (entry.model === info.model ? "" : ` · made with ${entry.model}`);
     item.append(use, meta);
     list.append(item);
   }
