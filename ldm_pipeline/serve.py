@@ -4,12 +4,23 @@
     ldm-serve --model runs/demo/pipeline            # then open http://127.0.0.1:7860
 
 The page takes a prompt and a negative prompt, the number of images, the scheduler (``ldm_pipeline.schedulers``),
-steps, guidance scale, seed (or "random") and image size (multiples of the VAE factor), shows a progress bar while
-sampling and the images as a grid, each downloadable as a PNG whose tEXt chunks hold its settings. Beside it: the
-pipeline's model card (``README.md`` in the directory) and its ``ldm-eval`` report, when there are.
+steps, guidance scale, seed (or "random") and image size, shows a progress bar (and a Cancel button) while
+sampling and the images as a grid, each downloadable as a PNG whose text chunks hold its settings. Beside it: the
+pipeline's key facts, its model card (``README.md`` in the directory) and its own ``ldm-eval`` report
+(``ldm_pipeline.serve_card``).
 
 One pipeline is loaded once and shared by every request; requests wait their turn in a queue (one sampling loop at
-a time), and settings the pipeline rejects come back to the page as the pipeline's own error message.
+a time). A request is cancelled when its client disconnects (the page's Cancel button, a closed tab) or the server
+stops (Ctrl+C). The server's rules, so that no other web page can drive it and no request can hold it for long:
+
+- ``POST /api/generate`` takes JSON only (``Content-Type: application/json``, else 415): a cross-site form or
+  ``text/plain`` POST cannot start a generation;
+- a request whose ``Origin`` header is present and is not the server's own origin is refused (403) unless
+  ``--allow_origin`` names it; on a loopback address the ``Host`` header must name this machine (no DNS rebinding);
+- the work of one request is capped from the model (``serve_settings.ServeLimits``): images, steps
+  (``num_train_timesteps`` and 250 at most) and sizes (multiples of the VAE factor up to twice the U-Net's trained
+  size);
+- settings are checked before queueing, and errors are worded with the page's labels (``serve_settings.FIELD_LABELS``).
 
 Image ``i`` of a request with seed ``s`` is drawn from ``torch.Generator("cpu").manual_seed(s + i)`` (one generator
 per image, as in ``ldm-eval``), so every image's PNG records the seed that makes it again on its own.
@@ -20,124 +31,63 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
+import dataclasses
+import errno
 import io
+import ipaddress
 import json
 import logging
-import math
+import re
 import secrets
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import urlsplit
 
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm_pipeline.config import CommandParser
+from ldm_pipeline.cli_generate import resolve_device
 from ldm_pipeline.errors import error_line, run_cli
 from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline
 from ldm_pipeline.schedulers import SCHEDULERS
+from ldm_pipeline.serve_card import side_panel
+from ldm_pipeline.serve_settings import (
+    ARGUMENT_LABELS,
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_STEPS,
+    SIDE_OVER_TRAINED,
+    GenerationSettings,
+    ServeLimits,
+)
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("serve_static")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
-MAX_SEED = 2**32 - 1
-REPORT_NAMES = ("report.md", "report.json")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 INSTALL_HINT = "ldm-serve needs the serve extra: pip install -e .[serve]"
 
 ProgressCallback = Callable[[dict], None]
 
 
-# ---------------------------------------------------------------------------------------------- settings
+class JobCancelled(Exception):
+    """A request stopped before its images were made (its client left, or the server is stopping)."""
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """What the page sends: ``scheduler`` "" keeps the pipeline's saved scheduler, ``seed`` None draws one,
-    ``height``/``width`` None take the pipeline's default size, ``guidance_interval`` None guides every step."""
-
-    prompt: str
-    negative_prompt: str = ""
-    num_images: int = 1
-    scheduler: str = ""
-    steps: int = 20
-    guidance_scale: float = 5.0
-    seed: int | None = None
-    height: int | None = None
-    width: int | None = None
-    guidance_interval: tuple[float, float] | None = None
-
-    @classmethod
-    def from_form(cls, form: Mapping[str, Any]) -> "GenerationSettings":
-        """Parse the page's fields (strings or numbers); a field that is not a number says which and why.
-        Ranges are left to the pipeline, which names the argument it rejects."""
-        return cls(
-            prompt=str(form.get("prompt", "")),
-            negative_prompt=str(form.get("negative_prompt", "") or ""),
-            num_images=parse_int(form, "num_images", 1),
-            scheduler=str(form.get("scheduler", "") or "").strip(),
-            steps=parse_int(form, "steps", cls.steps),
-            guidance_scale=parse_float(form, "guidance_scale", cls.guidance_scale),
-            seed=parse_seed(form.get("seed")),
-            height=parse_int(form, "height", None),
-            width=parse_int(form, "width", None),
-            guidance_interval=parse_interval(form.get("guidance_interval")),
-        )
-
-
-def parse_number(form: Mapping[str, Any], name: str, default, integer: bool):
-    """``form[name]`` as an int (``integer``) or a finite float; ``default`` when it is absent or blank."""
-    value = form.get(name)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return default
-    kind = "a whole number" if integer else "a number"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {kind}, got {value!r}.") from None
-    if integer and not number.is_integer():
-        raise ValueError(f"{name} must be a whole number, got {value!r}.")
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {value!r}.")
-    return int(number) if integer else number
-
-
-def parse_int(form: Mapping[str, Any], name: str, default: int | None) -> int | None:
-    return parse_number(form, name, default, integer=True)
-
-
-def parse_float(form: Mapping[str, Any], name: str, default: float) -> float:
-    return parse_number(form, name, default, integer=False)
-
-
-def parse_interval(value: Any) -> tuple[float, float] | None:
-    """None for an empty field; otherwise two noise levels ``σ_lo σ_hi`` ("1 inf", "0.3, 5" or a JSON pair).
-    Their range is left to the pipeline."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    parts = value.replace(",", " ").split() if isinstance(value, str) else value
-    try:
-        low, high = (float(part) for part in parts)
-    except (TypeError, ValueError):
-        raise ValueError(f"guidance_interval must be two noise levels 'σ_lo σ_hi' (e.g. '1 inf'), or empty to "
-                         f"guide every step; got {value!r}.") from None
-    return low, high
-
-
-def parse_seed(value: Any) -> int | None:
-    """None for "random" or an empty field; otherwise an integer in [0, 2**32 - 1]."""
-    if value is None or str(value).strip().lower() in ("", "random", "-1"):
-        return None
-    try:
-        seed = int(str(value).strip())
-    except ValueError:
-        raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED} or 'random', got {value!r}.") from None
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be from 0 to {MAX_SEED} (or 'random'), got {seed}.")
-    return seed
+def page_message(error: BaseException) -> str:
+    """The one line of ``error`` for the page, with the pipeline's argument names (```num_inference_steps```)
+    replaced by the page's labels (Steps)."""
+    message = str(error) if isinstance(error, JobCancelled) else error_line(error)
+    return re.sub(r"`(\w+)`", lambda match: ARGUMENT_LABELS.get(match[1], match[0]), message)
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -186,19 +136,20 @@ def image_metadata(settings: GenerationSettings, seed: int, scheduler: str, size
 class ImageServer:
     """One pipeline shared by every request; :meth:`generate` runs one request at a time, in arrival order.
 
-    ``model`` is what the PNGs record as the model (the directory as given on the command line).
+    ``model`` is what the PNGs record as the model (the directory as given on the command line); ``limits``
+    default to :meth:`ServeLimits.for_pipeline`.
     """
 
     pipe: LatentDiffusionPipeline
     model: str
-    max_images: int = 8
-    max_side: int = 1024
+    limits: ServeLimits | None = None
     _line: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
-    _next_ticket: int = field(default=0, init=False, repr=False)
-    _serving: int = field(default=0, init=False, repr=False)
+    _jobs: list[threading.Event] = field(default_factory=list, init=False, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     def __post_init__(self):
         self.saved_scheduler = self.pipe.scheduler
+        self.limits = self.limits or ServeLimits.for_pipeline(self.pipe)
         self.pipe.set_progress_bar_config(disable=True)
 
     @property
@@ -206,48 +157,79 @@ class ImageServer:
         """(height, width) of the pipeline's own images."""
         return self.pipe.default_height_width()
 
-    def check_limits(self, settings: GenerationSettings) -> None:
-        """The server's own limits (the pipeline checks everything else)."""
-        if settings.num_images > self.max_images:
-            raise ValueError(f"num_images is {settings.num_images}; this server makes at most {self.max_images} "
-                             "images per request (ldm-serve --max_images).")
-        for name in ("height", "width"):
-            size = getattr(settings, name)
-            if size is not None and size > self.max_side:
-                raise ValueError(f"{name} is {size}; this server makes images of at most {self.max_side} px a side "
-                                 "(ldm-serve --max_side).")
+    @property
+    def num_jobs(self) -> int:
+        """Requests running or waiting."""
+        with self._line:
+            return len(self._jobs)
 
-    def generate(self, settings: GenerationSettings, on_event: ProgressCallback | None = None) -> list[GeneratedImage]:
+    def stop(self) -> None:
+        """Cancel the running and waiting requests (each at its next step) and refuse new ones."""
+        self._stopping.set()
+        with self._line:
+            self._line.notify_all()
+
+    def cancel(self, job: threading.Event) -> None:
+        """Cancel one request: the ``cancel`` event given to :meth:`generate`."""
+        job.set()
+        with self._line:
+            self._line.notify_all()
+
+    def _check_cancelled(self, job: threading.Event) -> None:
+        if self._stopping.is_set():
+            raise JobCancelled("The server is stopping: this request was cancelled.")
+        if job.is_set():
+            raise JobCancelled("Cancelled.")
+
+    def generate(self, settings: GenerationSettings, on_event: ProgressCallback | None = None,
+                 cancel: threading.Event | None = None) -> list[GeneratedImage]:
         """Sample ``settings.num_images`` images for ``settings.prompt``.
 
-        ``on_event`` receives ``{"type": "queued", "ahead": n}`` (requests running or waiting before this one),
-        then ``{"type": "progress", "step": k, "total": n}`` after every scheduler step. Raises the pipeline's
-        ``ValueError`` for settings it rejects.
+        ``on_event`` receives ``{"type": "queued", "ahead": n}`` (requests running or waiting before this one;
+        again whenever that number falls, down to 0), then ``{"type": "progress", "step": k, "total": n}`` after every
+        scheduler step. ``cancel`` (set it through :meth:`cancel`) stops the request while it waits or at its next
+        step with :class:`JobCancelled`. Raises ``ValueError`` for settings beyond the limits or that the
+        pipeline rejects.
         """
         emit = on_event or (lambda event: None)
-        self.check_limits(settings)
+        self.limits.check(settings)
+        job = cancel or threading.Event()
         with self._line:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            emit({"type": "queued", "ahead": ticket - self._serving})
-            self._line.wait_for(lambda: self._serving == ticket)
+            self._check_cancelled(job)
+            self._jobs.append(job)
+            try:
+                ahead = None
+                while ahead != 0:
+                    if self._jobs.index(job) != ahead:
+                        ahead = self._jobs.index(job)
+                        emit({"type": "queued", "ahead": ahead})
+                    if ahead:
+                        self._line.wait()
+                        self._check_cancelled(job)
+            except BaseException:
+                self._jobs.remove(job)
+                self._line.notify_all()
+                raise
         try:
-            return self._sample(settings, emit)
+            self._check_cancelled(job)
+            return self._sample(settings, emit, job)
         finally:
             with self._line:
-                self._serving += 1
+                self._jobs.remove(job)
                 self._line.notify_all()
 
-    def _sample(self, settings: GenerationSettings, emit: ProgressCallback) -> list[GeneratedImage]:
+    def _sample(self, settings: GenerationSettings, emit: ProgressCallback,
+                job: threading.Event) -> list[GeneratedImage]:
         pipe = self.pipe
         pipe.scheduler = self.saved_scheduler
         if settings.scheduler:
             pipe.set_scheduler(settings.scheduler)
         scheduler_name = settings.scheduler or type(self.saved_scheduler).__name__
         seed = secrets.randbelow(MAX_SEED + 1) if settings.seed is None else settings.seed
-        seeds = [seed + index for index in range(max(settings.num_images, 0))]
+        seeds = [seed + index for index in range(settings.num_images)]
 
         def report_step(pipeline, step_index, timestep, callback_kwargs):
+            self._check_cancelled(job)  # raising here leaves the loop at once, before the VAE decodes
             emit({"type": "progress", "step": step_index + 1, "total": pipeline.num_timesteps})
             return {}
 
@@ -269,87 +251,22 @@ class ImageServer:
         ]
 
 
-# ---------------------------------------------------------------------------------------------- model card and report
-
-
-def strip_front_matter(markdown: str) -> str:
-    """A model card without its YAML front matter (``---`` ... ``---`` at the top, Hub model-card metadata)."""
-    if markdown.startswith("---\n"):
-        end = markdown.find("\n---", 4)
-        if end != -1:
-            return markdown[end + 4:].lstrip("\n")
-    return markdown
-
-
-def find_eval_report(model_dir: Path) -> Path | None:
-    """The newest ``ldm-eval`` report of the pipeline in ``model_dir``: ``report.md`` (or ``report.json``) in
-    ``model_dir`` or a folder under it, else in a folder next to it (``runs/demo/eval`` for ``runs/demo/pipeline``)
-    whose ``report.json`` names this pipeline (not ``--real``, ``--vae`` or another U-Net's ``--unet``)."""
-
-    def reports_in(folders):
-        found = []
-        for folder in folders:
-            for name in REPORT_NAMES:
-                if (folder / name).is_file():
-                    found.append(folder / name)
-                    break
-        return found
-
-    def evaluates_this_pipeline(report: Path) -> bool:
-        json_path = report.with_name("report.json")
-        if not json_path.is_file():
-            return False
-        try:
-            report_json = json.loads(json_path.read_text())
-        except (OSError, ValueError):
-            return False
-        return Path(str(report_json.get("model", ""))).name == model_dir.name and not report_json.get("unet")
-
-    def newest(reports):
-        return max(reports, key=lambda path: path.stat().st_mtime) if reports else None
-
-    under = reports_in([model_dir] + sorted(p for p in model_dir.iterdir() if p.is_dir()))
-    if under:
-        return newest(under)
-    siblings = sorted(p for p in model_dir.parent.iterdir() if p.is_dir() and p != model_dir)
-    return newest([report for report in reports_in(siblings) if evaluates_this_pipeline(report)])
-
-
-def render_markdown(text: str) -> str:
-    """HTML of a Markdown text (CommonMark plus tables; raw HTML in the text is escaped, not rendered)."""
-    from markdown_it import MarkdownIt
-
-    return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
-
-
 def model_info(server: ImageServer, model_dir: Path | None) -> dict[str, Any]:
-    """What the page shows beside the form: defaults, scheduler names, model card and evaluation report (HTML)."""
+    """What the page needs to build its form and side panel: defaults, limits, offered sizes, scheduler names,
+    the model's key facts, model card and evaluation report (HTML)."""
     height, width = server.default_size
-    info = {
+    defaults = dataclasses.asdict(GenerationSettings(prompt=""))
+    defaults.update(height=height, width=width, seed="random" if defaults["seed"] is None else defaults["seed"],
+                    guidance_interval=" ".join(map(str, defaults["guidance_interval"] or ())))
+    return {
         "model": server.model,
         "saved_scheduler": type(server.saved_scheduler).__name__,
         "schedulers": list(SCHEDULERS),
-        "vae_scale_factor": server.pipe.vae_scale_factor,
-        "height": height,
-        "width": width,
-        "max_images": server.max_images,
-        "max_side": server.max_side,
-        "model_card_html": None,
-        "report_html": None,
-        "report_path": None,
+        "defaults": defaults,
+        "limits": dataclasses.asdict(server.limits),
+        "sizes": server.limits.sizes(),
+        **side_panel(server.pipe, model_dir, server.model),
     }
-    if model_dir is None:
-        return info
-    card = model_dir / "README.md"
-    if card.is_file():
-        info["model_card_html"] = render_markdown(strip_front_matter(card.read_text(encoding="utf-8")))
-    report = find_eval_report(model_dir)
-    if report is not None:
-        text = report.read_text(encoding="utf-8")
-        markdown = text if report.suffix == ".md" else f"```json\n{text}\n```"
-        info["report_html"] = render_markdown(markdown)
-        info["report_path"] = str(report.relative_to(model_dir.parent))
-    return info
 
 
 # ---------------------------------------------------------------------------------------------- web app
@@ -366,12 +283,62 @@ def server_sent_event(event: dict) -> str:
     return f"data: {json.dumps(event)}\n\n"
 
 
-def create_app(server: ImageServer, model_dir: Path | None = None):
-    """The Starlette app: ``GET /`` (the page), ``GET /api/info`` and ``POST /api/generate``, whose response is
-    a stream of server-sent events: ``queued``, ``progress`` ..., then ``done`` (the images) or ``error`` (one
-    line: the message of the exception, never a traceback)."""
+def request_host(host_header: str) -> str | None:
+    """The host name of a ``Host`` header (``[::1]:7860`` -> ``::1``), lower case; None when malformed."""
+    try:
+        return urlsplit(f"//{host_header}").hostname
+    except ValueError:
+        return None
+
+
+class SameOriginGuard:
+    """ASGI middleware: refuse (403, one line) a request whose ``Origin`` header is present and is neither the
+    server's own origin (the scheme and ``Host`` of the request) nor in ``allowed_origins``; and, when
+    ``trusted_hosts`` is given, a request whose ``Host`` names another machine (a DNS-rebinding page whose own
+    name resolves to this server)."""
+
+    def __init__(self, app, allowed_origins: Sequence[str] = (), trusted_hosts: Sequence[str] | None = None):
+        self.app = app
+        self.allowed_origins = {origin.rstrip("/") for origin in allowed_origins}
+        self.trusted_hosts = None if trusted_hosts is None else set(trusted_hosts)
+
+    def refusal(self, scope) -> str | None:
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)
+        host_header = headers.get("host", "")
+        if self.trusted_hosts is not None and request_host(host_header) not in self.trusted_hosts:
+            return (f"Host {host_header!r} refused: this server listens on this machine only; open it as "
+                    f"http://127.0.0.1 or http://localhost.")
+        origin = headers.get("origin")
+        if origin is None or origin in self.allowed_origins or origin == f"{scope['scheme']}://{host_header}":
+            return None
+        return (f"Cross-origin request from {origin} refused: open the page from this server, or start ldm-serve "
+                f"with --allow_origin {origin} to let that site use it.")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (reason := self.refusal(scope)):
+            from starlette.responses import JSONResponse
+
+            await JSONResponse({"type": "error", "message": reason}, status_code=403)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(server: ImageServer, model_dir: Path | None = None, *, allowed_origins: Sequence[str] = (),
+               trusted_hosts: Sequence[str] | None = None):
+    """The Starlette app: ``GET /`` (the page), ``GET /api/info`` and ``POST /api/generate``.
+
+    ``/api/generate`` takes a JSON object of settings (415 for another ``Content-Type``, 400 for a body that is
+    not one, 422 with one line for settings the server refuses before queueing); its response is a stream of
+    server-sent events: ``queued``, ``progress`` ..., then ``done`` (the images) or ``error`` (one line: the
+    message of the exception, never a traceback). A client that disconnects cancels its request. Every route is
+    behind :class:`SameOriginGuard`; ``allowed_origins`` also get CORS headers (Starlette's ``CORSMiddleware``).
+    """
     try:
         from starlette.applications import Starlette
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
         from starlette.responses import FileResponse, JSONResponse, StreamingResponse
         from starlette.routing import Mount, Route
         from starlette.staticfiles import StaticFiles
@@ -380,6 +347,9 @@ def create_app(server: ImageServer, model_dir: Path | None = None):
 
     info = model_info(server, model_dir)
 
+    def refuse(message: str, status_code: int):
+        return JSONResponse({"type": "error", "message": message}, status_code=status_code)
+
     async def index(request):
         return FileResponse(STATIC_DIR / "index.html")
 
@@ -387,45 +357,142 @@ def create_app(server: ImageServer, model_dir: Path | None = None):
         return JSONResponse(info)
 
     async def generate(request):
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            return refuse(f"POST /api/generate takes JSON: send the settings with Content-Type: application/json "
+                          f"(got {media_type or 'none'!r}).", 415)
         try:
-            form = await request.json()
+            form = json.loads(await request.body())
         except ValueError:
             form = None
         if not isinstance(form, dict):
-            return JSONResponse({"type": "error", "message": "The request body must be a JSON object of settings."},
-                                status_code=400)
+            return refuse("The request body must be a JSON object of settings.", 400)
+        try:
+            settings = GenerationSettings.from_form(form)
+            server.limits.check(settings)
+        except ValueError as error:
+            return refuse(page_message(error), 422)
+
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict] = asyncio.Queue()
+        job = threading.Event()
 
         def emit(event: dict) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         def run() -> None:
             try:
-                images = server.generate(GenerationSettings.from_form(form), emit)
+                images = server.generate(settings, emit, job)
                 emit({"type": "done", "images": [image_payload(image) for image in images]})
             except Exception as error:  # every failure reaches the page as one line
-                if not isinstance(error, ValueError):
+                if not isinstance(error, (ValueError, JobCancelled)):
                     logger.exception("Generation failed")
-                emit({"type": "error", "message": error_line(error)})
+                emit({"type": "error", "message": page_message(error)})
+
+        async def cancel_on_disconnect():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            server.cancel(job)
 
         async def stream():
-            worker = loop.run_in_executor(None, run)
-            while True:
-                event = await events.get()
-                yield server_sent_event(event)
-                if event["type"] in ("done", "error"):
-                    break
-            await worker
+            watcher = asyncio.create_task(cancel_on_disconnect())
+            loop.run_in_executor(None, run)
+            try:
+                while True:
+                    event = await events.get()
+                    yield server_sent_event(event)
+                    if event["type"] in ("done", "error"):
+                        break
+            finally:  # also when the response is cancelled because the client left
+                watcher.cancel()
+                server.cancel(job)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
-    return Starlette(routes=[
-        Route("/", index),
-        Route("/api/info", get_info),
-        Route("/api/generate", generate, methods=["POST"]),
-        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
-    ])
+    cors = [Middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                       allow_headers=["Content-Type"])] if allowed_origins else []
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/api/info", get_info),
+            Route("/api/generate", generate, methods=["POST"]),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        ],
+        middleware=cors + [Middleware(SameOriginGuard, allowed_origins=allowed_origins,
+                                      trusted_hosts=trusted_hosts)],
+    )
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host:port`` (0: a free port), or one line saying why not: called before the URL is
+    printed, so a busy port never shows a URL that belongs to another server."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise ValueError(f"--host {host} is not an address of this machine ({error.strerror}).") from None
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(128)
+    except OSError as error:
+        listener.close()
+        if error.errno == errno.EADDRINUSE:
+            raise ValueError(f"Port {port} on {host} is in use (another ldm-serve?): stop that server, or choose "
+                             f"another port with --port (e.g. --port {port + 1}).") from None
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise ValueError(f"--host {host} is not an address of this machine.") from None
+        if error.errno == errno.EACCES:
+            raise ValueError(f"Port {port} needs administrator rights: choose --port 1024 or above.") from None
+        raise
+    return listener
+
+
+def uvicorn_server(app, image_server: ImageServer, announce: bool = True):
+    """A ``uvicorn.Server`` for ``app`` whose Ctrl+C (or SIGTERM) cancels the running and waiting requests and,
+    with ``announce``, says so; a second Ctrl+C quits at once."""
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if announce and not self.should_exit:
+                print("ldm-serve: stopping: running and waiting requests are cancelled (Ctrl+C again quits at "
+                      "once).", flush=True)
+            image_server.stop()
+            super().handle_exit(sig, frame)
+
+    return StoppingServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30))
+
+
+@contextlib.contextmanager
+def serving_in_thread(app, image_server: ImageServer, host: str = DEFAULT_HOST) -> Iterator[str]:
+    """Serve ``app`` from a background thread on a free port of ``host``; yields the URL. Leaving the block
+    cancels running requests and stops the server (for tests and the screenshot script)."""
+    listener = bind_listener(host, 0)
+    server = uvicorn_server(app, image_server, announce=False)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{listener.getsockname()[1]}"
+    finally:
+        server.handle_exit(None, None)
+        thread.join(30)
+        listener.close()
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -437,31 +504,66 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"Address to listen on (default {DEFAULT_HOST}: this machine only).")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"Port (default {DEFAULT_PORT}).")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available).")
-    parser.add_argument("--max_images", type=int, default=8, help="Most images one request may ask for.")
-    parser.add_argument("--max_side", type=int, default=1024, help="Largest image height or width, in pixels.")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda if available).")
+    parser.add_argument("--max_images", type=int, default=None,
+                        help=f"Most images one request may ask for (default {MAX_IMAGES}).")
+    parser.add_argument("--max_steps", type=int, default=None,
+                        help=f"Most sampling steps one request may ask for (default {MAX_STEPS}, or the "
+                             "scheduler's num_train_timesteps when fewer).")
+    parser.add_argument("--max_side", type=int, default=None,
+                        help=f"Largest image height or width in pixels (default {SIDE_OVER_TRAINED} times the "
+                             "U-Net's trained size, unet.config.sample_size * the VAE factor).")
+    parser.add_argument("--allow_origin", action="append", default=[], metavar="ORIGIN",
+                        help="Let pages of this origin (e.g. https://tools.example.org) use the server; repeat for "
+                             "several. Default: only the server's own page.")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def import_uvicorn():
     try:
         import uvicorn
     except ImportError as error:
         raise ImportError(f"{INSTALL_HINT} ({error}).") from error
+    return uvicorn
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    import_uvicorn()
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be from 0 to 65535, got {args.port}.")
-    for flag in ("max_images", "max_side"):
-        if getattr(args, flag) <= 0:
+    for flag in ("max_images", "max_steps", "max_side"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}.")
+    for origin in args.allow_origin:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            raise ValueError(f"--allow_origin {origin!r} is not an origin: write scheme://host[:port], e.g. "
+                             "https://tools.example.org.")
+    device = resolve_device(args.device)
+    listener = bind_listener(args.host, args.port)
+    try:
+        model_dir = Path(args.model)
+        pipe = LatentDiffusionPipeline.from_pretrained(model_dir).to(device)
+        limits = ServeLimits.for_pipeline(pipe, args.max_images, args.max_steps, args.max_side)
+        server = ImageServer(pipe, model=args.model, limits=limits)
+        app = create_app(server, model_dir if model_dir.is_dir() else None, allowed_origins=args.allow_origin,
+                         trusted_hosts=(*LOOPBACK_NAMES, args.host.lower()) if is_loopback(args.host) else None)
+        host, port = listener.getsockname()[:2]
+        shown_host = f"[{host}]" if ":" in host else host
+        print(f"ldm-serve: {args.model} on http://{shown_host}:{port} (Ctrl+C stops)", flush=True)
+        run_server(app, server, listener)
+    finally:
+        listener.close()
 
-    model_dir = Path(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = LatentDiffusionPipeline.from_pretrained(model_dir).to(device)
-    server = ImageServer(pipe, model=args.model, max_images=args.max_images, max_side=args.max_side)
-    app = create_app(server, model_dir if model_dir.is_dir() else None)
-    print(f"ldm-serve: {args.model} on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+def run_server(app, server: ImageServer, listener: socket.socket) -> None:
+    """Serve until Ctrl+C, which cancels the running request; then say the server stopped."""
+    try:
+        uvicorn_server(app, server).run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it handled, once it has shut down
+        pass
+    print("ldm-serve: stopped.", flush=True)
 
 
 def cli() -> None:
