@@ -125,7 +125,7 @@ def test_a_missing_config_file_lists_the_files_that_exist(tmp_path):
                                           r"vae_f8.json\. Did you mean '.*tiny/text_encoder.json'\?"):
         load_stage_config("text_encoder", ["--config", str(CONFIGS / "text_encoders.json")])
     with pytest.raises(ConfigError, match=r"configs/small does not exist; .*configs has the folders: accelerate, "
-                                          r"demo, gpu, tiny\."):
+                                          r"demo, gpu, gpu_demo, tiny\."):
         load_stage_config("vae", ["--config", str(REPO / "configs" / "small" / "vae.json")])
 
 
