@@ -4,6 +4,7 @@ foreign shards, fp16 storage error, processes that disagree, and a 2-process bui
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -177,6 +178,7 @@ def test_reads_keep_the_shards_mapped_without_keeping_their_pages(built):
     """The shards stay mapped (no file is reopened per batch), but every gather hands their pages back, so the
     process's memory does not grow with the rows it has read."""
     _, _, directory = built
+    gc.collect()  # caches of earlier tests on the same shards, if still alive, would be counted with this one
     cache = ShardedLatentCache(directory, json.loads((directory / MANIFEST).read_text())["key"])
     for _ in range(2):
         batch = cache.__getitems__(list(range(NUM_SAMPLES)))
