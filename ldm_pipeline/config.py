@@ -265,6 +265,19 @@ class StageConfig:
                              if not f.metadata.get("run_only")},
                 "data": dataclasses.asdict(self.data)}
 
+    def check_output_outside_data(self) -> None:
+        """An output, logging or cache directory inside ``--train_data_dir`` is a ``ConfigError``: the run's own files
+        would become part of its data (and of the data's fingerprint, so that no resume would ever match)."""
+        if self.data.train_data_dir is None:
+            return
+        data_dir = Path(self.data.train_data_dir).resolve()
+        for flag in ("output_dir", "logging_dir", "cache_dir"):
+            value = getattr(self.training, flag, None)
+            if value is not None and (data_dir == Path(value).resolve() or data_dir in Path(value).resolve().parents):
+                raise ConfigError(f"--{flag} {value} is inside --train_data_dir {self.data.train_data_dir}: the run's "
+                                  "checkpoints and logs would become part of the training data (and change its "
+                                  f"fingerprint, so no resume would be accepted). Choose an --{flag} outside it.")
+
     def option_defaults(self) -> dict:
         """``{"training": {...}, "data": {...}}``: every option's schema default, for checkpoints written before an
         option existed (an absent option there stands for its default)."""

@@ -41,12 +41,14 @@ from ldm_pipeline.checkpoints import (
     check_checkpoint,
     checkpoints_dir,
     list_checkpoints,
+    load_checkpoint,
     register_ema_for_checkpointing,
     resolve_resume_path,
     save_checkpoint,
 )
 from ldm_pipeline.config import StageConfig
 from ldm_pipeline.durable import JsonlLogger, check_writable, write_json_atomic
+from ldm_pipeline.run_lock import acquire_run_lock, check_launch, release_run_locks, stop_with_launcher
 from ldm_pipeline.stream_loading import (
     StreamLoader,
     check_same_shards,
@@ -187,6 +189,8 @@ class StageTrainer:
         self.args = args = config.training
         self.stage = config.stage
         self.output_dir = Path(args.output_dir)
+        stop_with_launcher()
+        config.check_output_outside_data()
         report_to = None if args.report_to == "none" else args.report_to
         self.accelerator = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -194,13 +198,16 @@ class StageTrainer:
             log_with=report_to,
             project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir),
         )
+        check_launch(self.accelerator)
         if self.accelerator.device.type == "cpu" and args.mixed_precision != "no":
             raise ValueError(f"--mixed_precision {args.mixed_precision} was asked for on a CPU: train in fp32 "
                              "(--mixed_precision no).")
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         set_seed(args.seed)
-        check_writable(self.output_dir, "--output_dir")  # every process checks: none is left waiting for one
-        self._check_fresh_run()                          # that stopped with an error
+        # Every process checks (none is left waiting for one that stopped with an error), then holds the run's lock.
+        check_writable(self.output_dir, "--output_dir")
+        self.run_lock = acquire_run_lock(self.output_dir, self.accelerator)
+        self._check_fresh_run()
         self.accelerator.wait_for_everyone()
         self.global_step = 0
         self.start_step = 0
@@ -319,9 +326,10 @@ class StageTrainer:
         self.fingerprint = {**self.config.fingerprint(), "data_files": self.data_fingerprint, **(fingerprint or {})}
         path = resolve_resume_path(self.args.resume_from_checkpoint, self.output_dir, self.print)
         if path is not None:
-            check_checkpoint(path, self.accelerator.num_processes, self.fingerprint, self.config.option_defaults())
+            saved_processes = check_checkpoint(path, self.accelerator.num_processes, self.fingerprint,
+                                               self.config.option_defaults(), self.print)
             self.print(f"Resuming from {path}")
-            self.accelerator.load_state(str(path))
+            load_checkpoint(self.accelerator, path, saved_processes)
             self.global_step = int(CHECKPOINT_PATTERN.match(path.name).group(1))
         self.start_step = self.global_step
         self.micro_step = self.global_step * self.args.gradient_accumulation_steps
@@ -500,6 +508,7 @@ class StageTrainer:
         self.accelerator.end_training()
         if self.threads is not None:
             self.threads.close()
+        self.run_lock.release()
         return metrics
 
     def write_model_card(self, stage_dirs: dict | None = None, base_models: dict | None = None) -> None:
@@ -524,7 +533,8 @@ class StageTrainer:
 def run_in_process(main: Callable[[list[str]], dict], argv: list[str]) -> dict:
     """Call a stage script's ``main(argv)`` inside this Python process (tests, benchmarks), each time on a fresh
     Accelerate state: every script creates its own ``Accelerator``, whose state is otherwise process-wide. The
-    caller's torch thread count is restored afterwards, also when the stage fails."""
+    caller's torch thread count is restored afterwards, and the run's output-directory lock released, also when
+    the stage fails."""
     from accelerate.state import AcceleratorState
 
     threads = torch.get_num_threads()
@@ -532,5 +542,6 @@ def run_in_process(main: Callable[[list[str]], dict], argv: list[str]) -> dict:
     try:
         return main(argv)
     finally:
+        release_run_locks()
         AcceleratorState._reset_state(reset_partial_state=True)
         torch.set_num_threads(threads)
