@@ -16,6 +16,7 @@ Library code receives these objects, never an ``argparse.Namespace``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -524,6 +525,23 @@ def local_or_hub(name_or_path: str | os.PathLike, flag: str) -> str:
     if path.is_absolute() or str(name_or_path).startswith(".") or len(path.parts) > 2 or first.is_dir():
         raise FileNotFoundError(f"{flag} {name_or_path}: no such directory. Pass the stage's output directory.")
     return str(name_or_path)
+
+
+@contextlib.contextmanager
+def hub_lookup(name: str | os.PathLike, flag: str):
+    """Around loading ``name`` (a local path, or else a Hub name: see `local_or_hub`): when it is no local path, a
+    failure (offline, no such repository) is one line saying that there is no local directory of that name either."""
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        yield
+    except (OSError, HFValidationError) as error:
+        if Path(name).exists():
+            raise
+        reason = " ".join(str(error).split()).split(". ")[0].rstrip(".")
+        raise FileNotFoundError(f"{flag} {name}: no such local directory, and no Hub model of that name could be "
+                                f"loaded ({reason}). Pass the stage's output directory (check the path), or a "
+                                "Hub name with internet access.") from error
 
 
 def config_hash(payload: Any) -> str:

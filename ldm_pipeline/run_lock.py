@@ -104,11 +104,16 @@ class RunLock:
                 _held.remove(self)
 
 
-def release_run_locks() -> None:
-    """Release every lock this process still holds: at exit (a run that stopped on an error ended cleanly too: only
-    a killed run leaves its records), and after a run inside a longer-lived process (tests)."""
+def held_run_locks() -> list[RunLock]:
+    return list(_held)
+
+
+def release_run_locks(keep: list[RunLock] | tuple = ()) -> None:
+    """Release every lock this process still holds but ``keep``: at exit (a run that stopped on an error ended
+    cleanly too: only a killed run leaves its records), and after a run inside a longer-lived process (tests)."""
     for lock in list(_held):
-        lock.release()
+        if lock not in keep:
+            lock.release()
 
 
 atexit.register(release_run_locks)

@@ -48,7 +48,13 @@ from ldm_pipeline.checkpoints import (
 )
 from ldm_pipeline.config import StageConfig
 from ldm_pipeline.durable import JsonlLogger, check_writable, write_json_atomic
-from ldm_pipeline.run_lock import acquire_run_lock, check_launch, release_run_locks, stop_with_launcher
+from ldm_pipeline.run_lock import (
+    acquire_run_lock,
+    check_launch,
+    held_run_locks,
+    release_run_locks,
+    stop_with_launcher,
+)
 from ldm_pipeline.stream_loading import (
     StreamLoader,
     check_same_shards,
@@ -537,11 +543,11 @@ def run_in_process(main: Callable[[list[str]], dict], argv: list[str]) -> dict:
     the stage fails."""
     from accelerate.state import AcceleratorState
 
-    threads = torch.get_num_threads()
+    threads, held = torch.get_num_threads(), held_run_locks()
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         return main(argv)
     finally:
-        release_run_locks()
+        release_run_locks(keep=held)
         AcceleratorState._reset_state(reset_partial_state=True)
         torch.set_num_threads(threads)

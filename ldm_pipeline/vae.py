@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from ldm_pipeline.config import local_or_hub
+from ldm_pipeline.config import hub_lookup, local_or_hub
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def load_vae(name_or_path: str, flag: str = "--vae") -> AutoencoderKL:
     if root.exists():
         raise FileNotFoundError(f"{flag} {name_or_path}: no vae/config.json or config.json there. Pass the VAE "
                                 "stage's output dir.")
-    return AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
+    with hub_lookup(name_or_path, flag):
+        return AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
 
 
 def validate_vae_config(model_config: dict, resolution: int | None = None) -> None:
