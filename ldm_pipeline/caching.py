@@ -14,8 +14,9 @@ computed once per (VAE, text encoder + tokenizer, data, resolution, storage) and
         empty_embeds              [L, D]        the empty prompt "" (caption dropout / guidance; shard 0 only)
 
 Every shard is written atomically (``durable.atomic_file``: temporary name, fsync, rename) with the SHA-256 of its
-tensors (``hash_tensors``) and the cache key in its metadata; a shard is checked against them the first time a
-run reads it. Process ``p`` of ``n`` computes shards ``p, p + n, ...``, so all processes build the cache together;
+tensors (``hash_tensors``), the cache key and its own file name in its metadata; a shard is checked against them
+the first time a run reads it (a shard of another cache, or one copied over another of the same cache, is
+refused). Process ``p`` of ``n`` computes shards ``p, p + n, ...``, so all processes build the cache together;
 a killed build keeps its finished shards and the next run computes only the missing ones.
 
 Training reads only the rows a batch needs (``ShardedLatentCache.__getitems__``: one sorted gather per shard from a
@@ -47,7 +48,7 @@ from ldm_pipeline.durable import atomic_file, check_writable, remove_partial_fil
 from ldm_pipeline.fast_path import resolve_fast_path
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 
-CACHE_FORMAT_VERSION = "3"
+CACHE_FORMAT_VERSION = "4"
 MANIFEST = "manifest.json"
 SHARD_METADATA = "ldm_pipeline_cache"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -135,10 +136,11 @@ def shard_path(directory: Path, kind: str, index: int) -> Path:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
-    """Write one shard atomically, with the cache key and the SHA-256 of its tensors in its metadata, so that the
-    same tensors always give the same bytes."""
+    """Write one shard atomically, with the cache key, its file name and the SHA-256 of its tensors in its
+    metadata, so that the same tensors always give the same bytes."""
     tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
-    metadata = {"key": key, "format_version": CACHE_FORMAT_VERSION, "sha256": hash_tensors(tensors)}
+    metadata = {"key": key, "format_version": CACHE_FORMAT_VERSION, "shard": path.name,
+                "sha256": hash_tensors(tensors)}
     with atomic_file(path) as partial:  # one metadata entry: safetensors writes several in a random order
         save_file(tensors, str(partial), metadata={SHARD_METADATA: json.dumps(metadata, sort_keys=True)})
 
@@ -158,7 +160,8 @@ def damaged_shard_error(path: Path, reason: str) -> ValueError:
 
 
 def load_verified_shard(path: Path, key: str) -> dict[str, torch.Tensor]:
-    """A shard's tensors, after checking its key and recomputing the SHA-256 of its tensors against its metadata."""
+    """A shard's tensors, after checking its key and file name and recomputing the SHA-256 of its tensors against
+    its metadata."""
     if not path.is_file():
         raise FileNotFoundError(f"Cache shard {path} is missing: run again (or training/cache_latents.py) to "
                                 "recompute it.")
@@ -170,6 +173,8 @@ def load_verified_shard(path: Path, key: str) -> dict[str, torch.Tensor]:
         raise damaged_shard_error(path, f"unreadable: {error}") from error
     if metadata.get("key") != key:
         raise damaged_shard_error(path, f"it belongs to another cache, key {metadata.get('key')}")
+    if metadata.get("shard") != path.name:
+        raise damaged_shard_error(path, f"it holds shard {metadata.get('shard')}, copied over this one")
     if hash_tensors(tensors) != metadata.get("sha256"):
         raise damaged_shard_error(path, "its checksum does not match its contents")
     return tensors

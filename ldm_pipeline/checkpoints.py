@@ -1,30 +1,44 @@
 """Checkpoints of a training run: saved whole or not at all, pruned, checked before a resume.
 
 ``OUTPUT_DIR/checkpoints/checkpoint-{step}`` holds ``accelerator.save_state``'s files (models, optimizers,
-schedulers, RNG states, registered objects: the EMA, a stream's position) and the run's fingerprint
-(``run_fingerprint.json``: config, data and frozen stages). A resume checks that the random-state files are intact
-and that the fingerprint matches the current run, and refuses otherwise with a message that says how to proceed.
+schedulers, RNG states, registered objects: the EMA, a stream's position), the run's fingerprint
+(``run_fingerprint.json``: config, data, frozen stages and the number of processes) and, written last,
+``checksums.sha256`` (``sha256sum`` format: ``sha256sum -c checksums.sha256`` checks it by hand). A resume checks
+every file against its checksum and the fingerprint against the current run, and refuses otherwise with one line
+that names the file or setting and says how to proceed.
+
+A checkpoint resumes under another number of processes when the global batch (processes x batch x accumulation)
+stays the same: the data order and the random draws are functions of the global batch (``trainer.train_batches``,
+``StageTrainer.global_randn``), the learning-rate schedule's counter is rescaled (Accelerate steps it once per
+process) and a process the checkpoint has no random state for continues from process 0's (``set_seed`` gives every
+process one state and the stages draw alike in all of them). Another global batch is refused with the arithmetic.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
-import zipfile
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
-from ldm_pipeline.durable import fsync_directory, fsync_tree, raise_if_disk_full
+from ldm_pipeline.durable import fsync_directory, fsync_tree, raise_if_disk_full, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 FINGERPRINT_FILE = "run_fingerprint.json"
+CHECKSUMS_FILE = "checksums.sha256"
+PROCESSES_KEY = "num_processes"  # in run_fingerprint.json beside the fingerprint; not compared as part of it
+BATCH_LAYOUT = ("train_batch_size", "gradient_accumulation_steps")  # compared as the global batch they make
 
 
 def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
@@ -59,12 +73,15 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, glo
     try:
         accelerator.save_state(str(partial), safe_serialization=True)
         if accelerator.is_main_process and fingerprint is not None:
-            (partial / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2, default=str))
+            (partial / FINGERPRINT_FILE).write_text(json.dumps(
+                {**fingerprint, PROCESSES_KEY: accelerator.num_processes}, indent=2, default=str))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_checksums(partial)
     except Exception as error:
         shutil.rmtree(partial, ignore_errors=True)
         raise_if_disk_full(error, root, f"checkpoint-{global_step}")
         raise
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         fsync_tree(partial)
         shutil.rmtree(final, ignore_errors=True)
@@ -101,39 +118,149 @@ def _same_json(a, b) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
-def archive_is_intact(path: Path) -> bool:
-    """True when ``path`` is a complete ``torch.save`` archive whose every member matches its CRC-32 (checked
-    without unpickling anything)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (zipfile.BadZipFile, OSError, EOFError):
-        return False
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def check_checkpoint(path: Path, num_processes: int, fingerprint: dict | None, defaults: dict | None = None) -> None:
-    """Refuse a checkpoint that is damaged (a random-state file missing or unreadable, which would silently
-    break exact resume) or that was saved by a different run."""
-    for index in range(num_processes):
-        states = path / f"random_states_{index}.pkl"
-        if not states.is_file():
-            raise ValueError(f"{states} is missing: checkpoint {path.name} is incomplete and cannot resume exactly. "
-                             "Resume from an earlier checkpoint (--resume_from_checkpoint PATH) or start over with "
-                             "--overwrite_output_dir.")
-        if not archive_is_intact(states):
-            raise ValueError(f"{states} is damaged: resume from an earlier checkpoint (--resume_from_checkpoint "
-                             "PATH) or start over with --overwrite_output_dir.")
+def write_checksums(directory: Path) -> None:
+    """``directory/checksums.sha256``: the SHA-256 of every other file under ``directory`` (``sha256sum`` format),
+    written atomically once they are all written."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE)
+    write_text_atomic(directory / CHECKSUMS_FILE,
+                      "".join(f"{file_sha256(p)}  {p.relative_to(directory).as_posix()}\n" for p in files))
+
+
+def earlier_checkpoint_advice(path: Path) -> str:
+    """What to do about a damaged checkpoint: resume from the newest one before it, or start over."""
+    earlier = [p for p in list_checkpoints(path.parent.parent) if p.name != path.name
+               and int(CHECKPOINT_PATTERN.match(p.name).group(1)) < int(CHECKPOINT_PATTERN.match(path.name).group(1))]
+    if earlier:
+        return f"resume from an earlier checkpoint with --resume_from_checkpoint {earlier[-1]}"
+    return "no earlier checkpoint is left: start over with --overwrite_output_dir"
+
+
+def verify_checksums(path: Path) -> None:
+    """Every file of checkpoint ``path`` must match ``checksums.sha256``; otherwise a ValueError naming the file."""
+    manifest = path / CHECKSUMS_FILE
+    if not manifest.is_file():
+        raise ValueError(f"{manifest} is missing, so checkpoint {path.name} cannot be checked (it was saved by an "
+                         f"older version, or damaged): {earlier_checkpoint_advice(path)}.")
+    for line in manifest.read_text(encoding="utf-8", errors="replace").splitlines():
+        digest, _, name = line.partition("  ")
+        if not name:
+            raise ValueError(f"{manifest} is damaged (line {line[:40]!r}): {earlier_checkpoint_advice(path)}.")
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"{file} is missing: checkpoint {path.name} is incomplete; "
+                             f"{earlier_checkpoint_advice(path)}.")
+        if file_sha256(file) != digest:
+            raise ValueError(f"{file} is damaged (its SHA-256 does not match {CHECKSUMS_FILE}: it was changed or cut "
+                             f"short after the checkpoint was saved); {earlier_checkpoint_advice(path)}.")
+
+
+def _without_batch_layout(fingerprint: dict) -> dict:
+    training = {k: v for k, v in fingerprint.get("training", {}).items() if k not in BATCH_LAYOUT}
+    return {**{k: v for k, v in fingerprint.items() if k != PROCESSES_KEY}, "training": training}
+
+
+def batch_layout(num_processes: int, training: dict) -> tuple[int, int, int]:
+    """``(processes, batch per process, accumulation)`` of a run; their product is its global batch."""
+    return (num_processes, *(int(training.get(key, 1)) for key in BATCH_LAYOUT))
+
+
+def check_batch_layout(path: Path, saved: dict, saved_processes: int, current: dict, num_processes: int) -> str | None:
+    """None when the run has the checkpoint's batch layout; a line to print when only the split of the same global
+    batch changed; a ValueError with the arithmetic when the global batch differs, or when a --streaming run (whose
+    shards are split by process) changes its number of processes."""
+    old = batch_layout(saved_processes, saved.get("training", {}))
+    new = batch_layout(num_processes, current.get("training", {}))
+    if old == new:
+        return None
+    old_global, new_global = old[0] * old[1] * old[2], new[0] * new[1] * new[2]
+    written = f"{old[0]} process(es) x batch {old[1]} x {old[2]} accumulation"
+    if old_global != new_global:
+        processes, batch, accumulation = new
+        options = [f"--train_batch_size {old_global // (processes * accumulation)}"
+                   if old_global % (processes * accumulation) == 0 else None,
+                   f"--gradient_accumulation_steps {old_global // (processes * batch)}"
+                   if old_global % (processes * batch) == 0 else None]
+        fix = " or ".join(o for o in options if o) or (f"--train_batch_size B and --gradient_accumulation_steps A "
+                                                        f"with {processes} x B x A = {old_global}")
+        raise ValueError(f"{path} was written by {written} = global batch {old_global}; this run has "
+                         f"{processes} x {batch} x {accumulation} = {new_global}: pass {fix} to continue it with the "
+                         "same global batch.")
+    if old[0] != new[0] and saved.get("data", {}).get("streaming"):
+        raise ValueError(f"{path} belongs to a --streaming run of {old[0]} process(es), which split the shards "
+                         f"between them: resume it with {old[0]} process(es).")
+    note = (" With another accumulation the micro-batches and their random draws differ: the run goes on with the "
+            "same global batch, not bit for bit as it would have." if old[2] != new[2] else "")
+    return (f"Resuming {path.name}, written by {written}, with {new[0]} x {new[1]} x {new[2]}: the same global "
+            f"batch of {new_global}.{note}")
+
+
+def check_checkpoint(path: Path, num_processes: int, fingerprint: dict | None, defaults: dict | None = None,
+                     print_fn=print) -> int:
+    """Refuse a checkpoint that is damaged (a file missing, changed or cut short since it was saved), that has no
+    fingerprint, that was saved by a different run, or whose global batch differs from this run's. Returns the
+    number of processes that wrote it (for `load_checkpoint`)."""
+    verify_checksums(path)
+    saved_processes = len(list(path.glob("random_states_*.pkl"))) or 1
+    if fingerprint is None:
+        return saved_processes
     saved_file = path / FINGERPRINT_FILE
-    if fingerprint is None or not saved_file.is_file():
-        return
+    if not saved_file.is_file():
+        raise ValueError(f"{saved_file} is missing, so checkpoint {path.name} cannot be matched to this run: "
+                         f"{earlier_checkpoint_advice(path)}.")
     saved = json.loads(saved_file.read_text())
+    saved_processes = int(saved.get(PROCESSES_KEY, saved_processes))
     current = json.loads(json.dumps(fingerprint, default=str))
-    differences = fingerprint_differences(saved, current, defaults=json.loads(json.dumps(defaults or {}, default=str)))
+    differences = fingerprint_differences(_without_batch_layout(saved), _without_batch_layout(current),
+                                          defaults=json.loads(json.dumps(defaults or {}, default=str)))
     if differences:
         shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
         raise ValueError(f"{path} belongs to a different run ({shown}). Resume with the same config, data and "
                          "frozen stages, or train into a new --output_dir, or pass --overwrite_output_dir to "
                          "discard the old checkpoints.")
+    change = check_batch_layout(path, saved, saved_processes, current, num_processes)
+    if change:
+        print_fn(change)
+    return saved_processes
+
+
+def restore_random_states(path: Path) -> None:
+    """Set Python's, NumPy's and torch's generators from an Accelerate ``random_states_{i}.pkl`` (read without
+    unpickling code: ``accelerate.utils.load``)."""
+    from accelerate.utils import load
+
+    states = load(path)
+    random.setstate(states["random_state"])
+    np.random.set_state(states["numpy_random_seed"])
+    torch.set_rng_state(states["torch_manual_seed"])
+    if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+        torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, saved_processes: int) -> None:
+    """``accelerator.load_state(path)``; when ``saved_processes`` differs from this run's process count, the
+    learning-rate schedules' counters are rescaled (Accelerate steps a schedule once per process and update) and a
+    process beyond the checkpoint's continues from process 0's random state."""
+    accelerator.load_state(str(path))
+    num_processes = accelerator.num_processes
+    if saved_processes == num_processes:
+        return
+    if accelerator.process_index >= saved_processes:
+        restore_random_states(path / "random_states_0.pkl")
+    for prepared in accelerator._schedulers:
+        schedule = prepared.scheduler
+        steps, _ = divmod(schedule.last_epoch, saved_processes)
+        schedule.last_epoch = steps * num_processes - 1
+        with warnings.catch_warnings():  # it warns of a step before the optimizer's when its counter was 1
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            schedule.step()  # recomputes the learning rates at the rescaled counter
 
 
 def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | os.PathLike, print_fn=print) -> Path | None:

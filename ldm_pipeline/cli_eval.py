@@ -197,6 +197,10 @@ def check_args(args: argparse.Namespace) -> None:
                          "its towers judge the images).")
     if args.text_stage is not None and args.model is None:
         raise ValueError("--text_stage evaluates a pipeline: pass --model PIPELINE (not --real or --vae).")
+    if args.streaming:
+        raise ValueError("--streaming: ldm-eval reads the training split by index (nearest neighbours, the towers' "
+                         "fit), which a stream does not allow: drop --streaming (tar shards, Parquet and Arrow files "
+                         "are read without it too).")
 
 
 def held_out_and_training_data(args: argparse.Namespace) -> tuple:

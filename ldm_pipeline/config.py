@@ -16,6 +16,7 @@ Library code receives these objects, never an ``argparse.Namespace``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -312,6 +313,19 @@ class StageConfig:
                 "training": {f.name: getattr(self.training, f.name) for f in dataclasses.fields(self.training)
                              if not f.metadata.get("run_only")},
                 "data": dataclasses.asdict(self.data)}
+
+    def check_output_outside_data(self) -> None:
+        """An output, logging or cache directory inside ``--train_data_dir`` is a ``ConfigError``: the run's own files
+        would become part of its data (and of the data's fingerprint, so that no resume would ever match)."""
+        if self.data.train_data_dir is None:
+            return
+        data_dir = Path(self.data.train_data_dir).resolve()
+        for flag in ("output_dir", "logging_dir", "cache_dir"):
+            value = getattr(self.training, flag, None)
+            if value is not None and (data_dir == Path(value).resolve() or data_dir in Path(value).resolve().parents):
+                raise ConfigError(f"--{flag} {value} is inside --train_data_dir {self.data.train_data_dir}: the run's "
+                                  "checkpoints and logs would become part of the training data (and change its "
+                                  f"fingerprint, so no resume would be accepted). Choose an --{flag} outside it.")
 
     def option_defaults(self) -> dict:
         """``{"training": {...}, "data": {...}}``: every option's schema default, for checkpoints written before an
@@ -642,6 +656,23 @@ def local_or_hub(name_or_path: str | os.PathLike, flag: str) -> str:
     if path.is_absolute() or str(name_or_path).startswith(".") or len(path.parts) > 2 or first.is_dir():
         raise FileNotFoundError(f"{flag} {name_or_path}: no such directory. Pass the stage's output directory.")
     return str(name_or_path)
+
+
+@contextlib.contextmanager
+def hub_lookup(name: str | os.PathLike, flag: str):
+    """Around loading ``name`` (a local path, or else a Hub name: see `local_or_hub`): when it is no local path, a
+    failure (offline, no such repository) is one line saying that there is no local directory of that name either."""
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        yield
+    except (OSError, HFValidationError) as error:
+        if Path(name).exists():
+            raise
+        reason = " ".join(str(error).split()).split(". ")[0].rstrip(".")
+        raise FileNotFoundError(f"{flag} {name}: no such local directory, and no Hub model of that name could be "
+                                f"loaded ({reason}). Pass the stage's output directory (check the path), or a "
+                                "Hub name with internet access.") from error
 
 
 def config_hash(payload: Any) -> str:

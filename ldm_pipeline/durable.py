@@ -150,11 +150,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class JsonlLogger:
-    """Append one JSON object per line to a file (main process only); the file survives resumes."""
+    """Append one JSON object per line to a file (main process only); the file survives resumes. A resumed run
+    starts from the records up to its checkpoint's step; a record it logs again for one of those steps (the final
+    validation of a run killed after its last checkpoint) replaces the earlier one with the same fields."""
 
     def __init__(self, path: str | os.PathLike, accelerator, start_step: int = 0):
         self.path = Path(path)
         self.enabled = accelerator.is_main_process
+        self.start_step = start_step
         self.previous: list[dict] = []
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +172,13 @@ class JsonlLogger:
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.previous))
 
     def log(self, **record) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        if self.start_step and record.get("step", self.start_step + 1) <= self.start_step:
+            fields = sorted(set(record) - {"elapsed_s"})
+            kept = [r for r in read_jsonl(self.path)
+                    if not (r.get("step") == record["step"] and sorted(set(r) - {"elapsed_s"}) == fields)]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept + [record]))
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -41,6 +41,7 @@ from safetensors import safe_open
 from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel
 
 from ldm_pipeline.attention import xformers_unavailable_reason
+from ldm_pipeline.finite_output import check_finite
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 from ldm_pipeline.schedulers import SAMPLING_DEFAULTS, in_guidance_interval, scheduler_from_name, timestep_sigma
 from ldm_pipeline.vae import vae_scale_factor
@@ -520,6 +521,15 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
                     raise ValueError("`prompt` is an empty list: pass at least one prompt.")
                 if not all(isinstance(p, str) for p in prompt):
                     raise ValueError("`prompt` must be a string or a list of strings.")
+        for name, texts in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            for text in [texts] if isinstance(texts, str) else texts if isinstance(texts, (list, tuple)) else []:
+                if isinstance(text, str) and not text.isascii():
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError as error:
+                        raise ValueError(f"`{name}` {text[:40]!r} is not valid Unicode text (a lone UTF-16 "
+                                         f"surrogate, {text[error.start]!r}, at character {error.start}): send "
+                                         "the text as UTF-8.") from None
         if prompt_embeds is not None and prompt_embeds.ndim != 3:
             raise ValueError(f"`prompt_embeds` must be [batch, sequence, dim], got shape {tuple(prompt_embeds.shape)}.")
 
@@ -735,13 +745,15 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin):
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
 
-        # 8. Decode
+        # 8. Decode (no image from NaN or inf: the cause is named instead)
+        check_finite(latents, "The denoised latents", self, guidance_scale, ("text_encoder", "unet"))
         if self.vae is None and output_type != "latent":
             logger.warning(f"This pipeline has no VAE: returning latents instead of output_type={output_type!r}.")
         if output_type == "latent" or self.vae is None:
             image = latents
         else:
             image = self.decode_latents(latents, generator=generator)
+            check_finite(image, "The decoded images", self, guidance_scale, ("text_encoder", "unet", "vae"))
             image = self.image_processor.postprocess(
                 image, output_type=output_type, do_denormalize=[True] * image.shape[0]
             )

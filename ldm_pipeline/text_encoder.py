@@ -41,7 +41,7 @@ from transformers import (
     T5EncoderModel,
 )
 
-from ldm_pipeline.config import local_or_hub
+from ldm_pipeline.config import hub_lookup, local_or_hub
 from ldm_pipeline.data.shapes import binding_counterpart, canonical_caption
 from ldm_pipeline.prompt_encoding import tokenize_prompts
 from ldm_pipeline.stage_dirs import check_stage_dirs
@@ -242,7 +242,8 @@ def load_pretrained_text_encoder(
         model_path, tokenizer_path = root / "text_encoder", root / "tokenizer"
     else:
         model_path = tokenizer_path = name_or_path
-    model_type = AutoConfig.from_pretrained(model_path).model_type
+    with hub_lookup(name_or_path, flag):
+        model_type = AutoConfig.from_pretrained(model_path).model_type
     if model_type in ("clip", "clip_text_model"):
         model_class = CLIPTextModel
     elif model_type in ("t5", "mt5", "umt5"):

@@ -42,6 +42,7 @@ from ldm_pipeline.checkpoints import (
     check_checkpoint,
     checkpoints_dir,
     list_checkpoints,
+    load_checkpoint,
     register_ema_for_checkpointing,
     resolve_resume_path,
     save_checkpoint,
@@ -56,6 +57,13 @@ from ldm_pipeline.fast_path import (
     to_channels_last,
 )
 from ldm_pipeline.logs import configure_training_logs, loss_line
+from ldm_pipeline.run_lock import (
+    acquire_run_lock,
+    check_launch,
+    held_run_locks,
+    release_run_locks,
+    stop_with_launcher,
+)
 from ldm_pipeline.stream_loading import (
     StreamLoader,
     check_same_shards,
@@ -204,6 +212,8 @@ class StageTrainer:
         self.args = args = config.training
         self.stage = config.stage
         self.output_dir = Path(args.output_dir)
+        stop_with_launcher()
+        config.check_output_outside_data()
         report_to = None if args.report_to == "none" else args.report_to
         # The device, which the fast path's switches depend on (ldm_pipeline.fast_path), as the Accelerator sees it.
         state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -222,12 +232,15 @@ class StageTrainer:
             dataloader_config=DataLoaderConfiguration(non_blocking=fast.pin_memory),
             **({"dynamo_plugin": compile_plugin} if compile_plugin is not None else {}),
         )
+        check_launch(self.accelerator)
         if fast.cuda:
             set_tf32(fast.allow_tf32)
         configure_training_logs()
         set_seed(args.seed)
-        check_writable(self.output_dir, "--output_dir")  # every process checks: none is left waiting for one
-        self._check_fresh_run()                          # that stopped with an error
+        # Every process checks (none is left waiting for one that stopped with an error), then holds the run's lock.
+        check_writable(self.output_dir, "--output_dir")
+        self.run_lock = acquire_run_lock(self.output_dir, self.accelerator)
+        self._check_fresh_run()
         self.accelerator.wait_for_everyone()
         self.global_step = 0
         self.start_step = 0
@@ -361,9 +374,10 @@ class StageTrainer:
         self.fingerprint = {**self.config.fingerprint(), "data_files": self.data_fingerprint, **(fingerprint or {})}
         path = resolve_resume_path(self.args.resume_from_checkpoint, self.output_dir, self.print)
         if path is not None:
-            check_checkpoint(path, self.accelerator.num_processes, self.fingerprint, self.config.option_defaults())
+            saved_processes = check_checkpoint(path, self.accelerator.num_processes, self.fingerprint,
+                                               self.config.option_defaults(), self.print)
             self.print(f"Resuming from {path}")
-            self.accelerator.load_state(str(path))
+            load_checkpoint(self.accelerator, path, saved_processes)
             self.global_step = int(CHECKPOINT_PATTERN.match(path.name).group(1))
         self.start_step = self.global_step
         self.micro_step = self.global_step * self.args.gradient_accumulation_steps
@@ -615,6 +629,7 @@ class StageTrainer:
         self.accelerator.end_training()
         if self.threads is not None:
             self.threads.close()
+        self.run_lock.release()
         return metrics
 
     def write_model_card(self, stage_dirs: dict | None = None, base_models: dict | None = None) -> None:
@@ -643,13 +658,15 @@ class StageTrainer:
 def run_in_process(main: Callable[[list[str]], dict], argv: list[str]) -> dict:
     """Call a stage script's ``main(argv)`` inside this Python process (tests, benchmarks), each time on a fresh
     Accelerate state: every script creates its own ``Accelerator``, whose state is otherwise process-wide. The
-    caller's torch thread count is restored afterwards, also when the stage fails."""
+    caller's torch thread count is restored afterwards, and the run's output-directory lock released, also when
+    the stage fails."""
     from accelerate.state import AcceleratorState
 
-    threads = torch.get_num_threads()
+    threads, held = torch.get_num_threads(), held_run_locks()
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         return main(argv)
     finally:
+        release_run_locks(keep=held)
         AcceleratorState._reset_state(reset_partial_state=True)
         torch.set_num_threads(threads)

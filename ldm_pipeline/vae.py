@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from ldm_pipeline.config import local_or_hub
+from ldm_pipeline.config import hub_lookup, local_or_hub
 from ldm_pipeline.stage_dirs import check_stage_dirs
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,11 @@ def load_vae(name_or_path: str, flag: str = "--vae") -> AutoencoderKL:
         return AutoencoderKL.from_pretrained(root / "vae")
     if (root / "config.json").is_file():
         return AutoencoderKL.from_pretrained(root)
-    return AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
+    if root.exists():
+        raise FileNotFoundError(f"{flag} {name_or_path}: no vae/config.json or config.json there. Pass the VAE "
+                                "stage's output dir.")
+    with hub_lookup(name_or_path, flag):
+        return AutoencoderKL.from_pretrained(name_or_path, subfolder="vae")
 
 
 def validate_vae_config(model_config: dict, resolution: int | None = None) -> None:

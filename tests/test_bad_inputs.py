@@ -9,12 +9,13 @@ counted across DataLoader workers). `ldm-generate`, `ldm-eval`'s sampling flags 
 checked before any work, one line per error.
 """
 
-import argparse
 import io
 import json
+import logging
 import os
 import re
 import struct
+import tarfile
 import zlib
 
 import numpy as np
@@ -25,16 +26,18 @@ from PIL import Image
 from ldm_pipeline.cli_eval import main as eval_main
 from ldm_pipeline.cli_generate import build_parser, generate
 from ldm_pipeline.cli_generate import main as generate_main
-from ldm_pipeline.config import data_config_from_args
-from ldm_pipeline.data import add_data_args, build_dataset, collate_examples, preprocess_image
+from ldm_pipeline.config import data_config_from_argv
+from ldm_pipeline.data import build_dataset, collate_examples, dataset_captions, preprocess_image
 from ldm_pipeline.data.datasets import image_to_tensor, to_rgb
 from ldm_pipeline.data.export import main as export_main
 from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline
+from conftest import make_tiny_pipeline
+from test_streaming import encode, shapes_shards, write_shard
 
 
 def folder_args(root, *extra):
-    argv = ["--resolution", "8", "--train_data_dir", str(root), "--num_validation_samples", "1", *extra]
-    return data_config_from_args(add_data_args(argparse.ArgumentParser()).parse_args(argv))
+    return data_config_from_argv(["--resolution", "8", "--train_data_dir", str(root), "--num_validation_samples", "1",
+                                  *extra])
 
 
 def random_rgb(height, width, seed=0):
@@ -259,6 +262,78 @@ def test_unquoted_comma_in_csv_is_named(tmp_path):
         build_dataset(folder_args(root), "train")
 
 
+@pytest.mark.parametrize("file_name", ["/etc/hostname", "../outside.png", "sub/../../outside.png"])
+def test_a_file_name_outside_the_data_folder_is_refused(tmp_path, file_name):
+    random_rgb(8, 8).save(tmp_path / "outside.png")  # would be read if the path were followed
+    lines = [json.dumps({"file_name": f"img_{i}.png", "text": "a cat"}) for i in range(3)]
+    lines[1] = json.dumps({"file_name": file_name, "text": "a dog"})
+    root = write_imagefolder(tmp_path / "data", num_images=3, metadata_lines=lines)
+    with pytest.raises(ValueError, match=rf"metadata\.jsonl line 2: file_name {re.escape(repr(file_name))} points "
+                                         r"outside .*data: image paths must be relative"):
+        build_dataset(folder_args(root), "train")
+
+
+def test_metadata_jsonl_and_csv_side_by_side_are_refused_naming_both(tmp_path):
+    root = write_imagefolder(tmp_path / "data", num_images=3)
+    (root / "metadata.csv").write_text("file_name,text\nimg_0.png,a dog\n")
+    with pytest.raises(ValueError, match=r"data has both metadata\.jsonl and metadata\.csv; only one of them"):
+        build_dataset(folder_args(root), "train")
+
+
+# ------------------------------------------------------------------------------------------ tar shards
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_tar_shards_beside_an_imagefolder_are_refused_naming_both(tmp_path, streaming):
+    root = write_imagefolder(tmp_path / "data", num_images=3)
+    shapes_shards(root, 2, 2)
+    with pytest.raises(ValueError, match=r"holds both tar shards \(.*shard-000\.tar and 1 more\) and an "
+                                         r"imagefolder \(.*data/metadata\.jsonl\); only one of them would be read"):
+        build_dataset(folder_args(root, *(["--streaming"] if streaming else [])), "train")
+
+
+def test_a_shard_rewritten_with_its_time_restored_is_read_again_and_its_new_count_named(tmp_path, caplog):
+    """Not streamed, shards are read through an Arrow copy in the ``datasets`` cache, which ``datasets`` keys by
+    modification time: a shard rewritten with its old time must still be read again."""
+    root = tmp_path / "shards"
+    shapes_shards(root, 3, 4)  # 2 training shards of 4 samples, 1 held out
+    assert len(build_dataset(folder_args(root), "train")) == 8
+    shard, image = root / "shard-000.tar", encode(random_rgb(16, 16), "png")
+    stat = shard.stat()
+    write_shard(shard, [(f"new{i}", {"png": image, "txt": b"a new caption"}) for i in range(2)])
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert shard.stat().st_mtime_ns == stat.st_mtime_ns
+    with caplog.at_level(logging.WARNING):
+        dataset = build_dataset(folder_args(root), "train")
+    assert len(dataset) == 6 and dataset_captions(dataset)[:2] == ["a new caption"] * 2
+    assert re.search(r"shard-000\.tar now holds 2 samples; it held 4 when it was last read", caplog.text)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_shard_cut_short_is_named(tmp_path, streaming):
+    root = tmp_path / "shards"
+    shapes_shards(root, 3, 10)
+    shard = root / "shard-001.tar"
+    raw = shard.read_bytes()
+    with tarfile.open(shard) as archive:
+        members = archive.getmembers()
+    at_a_sample_end = members[5].offset_data + (members[5].size + 511) // 512 * 512  # no end-of-archive blocks
+    for cut in (len(raw) // 2, at_a_sample_end):
+        shard.write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match=r"Shard .*shard-001\.tar is cut short"):
+            build_dataset(folder_args(root, *(["--streaming"] if streaming else [])), "train")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_sample_whose_image_type_differs_from_the_first_sample_is_named(tmp_path, streaming):
+    root = tmp_path / "shards"
+    shapes_shards(root, 3, 2)
+    write_shard(root / "shard-001.tar", [("odd", {"jpg": encode(random_rgb(16, 16), "jpg"), "txt": b"a dog"})])
+    with pytest.raises(ValueError, match=r"shard-001\.tar sample 'odd' has the member\(s\) \.jpg, which the first "
+                                         r"sample \(.*shard-000\.tar sample '00000': \.png, \.txt\) does not have"):
+        build_dataset(folder_args(root, *(["--streaming"] if streaming else [])), "train")
+
+
 # ------------------------------------------------------------------------------------------ unreadable images
 
 
@@ -451,3 +526,71 @@ def test_the_pipeline_rejects_sizes_and_guidance_it_cannot_use(tiny_pipeline_fac
     pipe = tiny_pipeline_factory("clip")
     with pytest.raises(ValueError, match=message):
         pipe("a red cat", num_inference_steps=2, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"prompt": "a red \ud800 cat"}, {"prompt": ["a cat", "a dog"],
+                                                                      "negative_prompt": ["blurry", "\udc80"]}])
+def test_a_prompt_with_a_lone_surrogate_is_named(tiny_pipeline_factory, kwargs):
+    pipe = tiny_pipeline_factory("clip")
+    name = "negative_prompt" if "negative_prompt" in kwargs else "prompt"
+    with pytest.raises(ValueError, match=rf"`{name}` .* is not valid Unicode text \(a lone UTF-16 surrogate"):
+        pipe(**kwargs, num_inference_steps=1)
+
+
+@pytest.mark.parametrize("flag", ["--text_encoder", "--vae"])
+def test_a_missing_stage_folder_that_could_be_a_hub_name_says_neither_exists(tmp_path, monkeypatch, flag):
+    from ldm_pipeline.text_encoder import load_pretrained_text_encoder
+    from ldm_pipeline.vae import load_vae
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    load = load_pretrained_text_encoder if flag == "--text_encoder" else load_vae
+    with pytest.raises(FileNotFoundError, match=rf"^{flag} te_out: no such local directory, and no Hub model of that "
+                                                r"name could be loaded \(.*\)\. Pass the stage's output directory"):
+        load("te_out", flag)
+
+
+# ------------------------------------------------------------------------------------------ non-finite outputs
+
+
+def damage_unet(pipe):
+    with torch.no_grad():
+        pipe.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+
+
+def damage_text_encoder(pipe):
+    with torch.no_grad():
+        pipe.text_encoder.embeddings.position_embedding.weight[0, 0] = float("inf")  # every prompt's
+
+
+@pytest.mark.parametrize("damage, guidance_scale, message", [
+    (damage_unet, 3.0, r"The denoised latents hold NaN or inf \(256 of 256 values\), so no image is returned: the "
+                       r"U-Net weight unet\.conv_in\.weight is NaN or inf"),
+    (damage_text_encoder, 3.0, r"The denoised latents .*: the text encoder weight text_encoder\..*weight is NaN"),
+    (lambda pipe: pipe.vae.register_to_config(scaling_factor=float("nan")), 3.0,
+     r"The decoded images hold NaN or inf .*: vae\.config\.scaling_factor is nan: set it in vae/config\.json"),
+    (None, 1e30, r"hold NaN or inf .*: guidance_scale=1e\+30 makes the guided prediction .* overflow"),
+])
+def test_the_pipeline_returns_no_image_made_of_nan_or_inf_and_names_the_cause(tiny_pipeline_factory, damage,
+                                                                             guidance_scale, message):
+    pipe = tiny_pipeline_factory("clip")
+    generator = torch.Generator().manual_seed(0)
+    healthy = pipe("a red cat", num_inference_steps=2, guidance_scale=3.0, generator=generator, output_type="pt")
+    assert torch.isfinite(healthy.images).all()
+    if damage is not None:
+        damage(pipe)
+    with pytest.raises(ValueError, match=message):
+        pipe("a red cat", num_inference_steps=2, guidance_scale=guidance_scale, generator=generator)
+
+
+def test_generate_saves_no_image_from_nan_weights(tmp_path, capsys):
+    pipe = make_tiny_pipeline("clip")
+    damage_unet(pipe)
+    pipe.save_pretrained(tmp_path / "model")
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main(["--model", str(tmp_path / "model"), "--prompt", "a cat", "--steps", "2", "--device", "cpu",
+                       "--out", str(tmp_path / "out")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert exit_info.value.code == 2 and len(errors) == 1
+    assert errors[0].startswith("ldm-generate: error: The denoised latents hold NaN or inf") and "unet.conv_in" in errors[0]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -219,6 +220,61 @@ def test_an_unwritable_output_dir_fails_before_the_cache_is_computed(tmp_path, s
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_an_output_dir_inside_the_data_folder_is_refused_before_anything_is_written(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(ConfigError, match=r"--output_dir .*data/out is inside --train_data_dir .*data: the run's "
+                                          r"checkpoints and logs would become part of the training data"):
+        run_stage("vae", ["--config", str(CONFIGS / "vae.json"), "--train_data_dir", str(data),
+                          "--output_dir", str(data / "out"), "--report_to", "none"])
+    assert list(data.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------- one run per output directory
+
+
+def test_a_second_run_into_a_held_output_dir_stops_naming_the_holder(tmp_path):
+    from ldm_pipeline.run_lock import RunLockedError, acquire_run_lock
+
+    out = tmp_path / "run"
+    held = acquire_run_lock(out)
+    try:
+        with pytest.raises(RunLockedError, match=rf"run is in use by another training run \(pid {os.getpid()} "
+                                                 r"\(rank 0\) on host .*; lock file .*\.run\.lock\): wait for it"):
+            run_stage("vae", ["--config", str(CONFIGS / "vae.json"), "--output_dir", str(out), "--report_to", "none"])
+        assert sorted(p.name for p in out.iterdir()) == [".run.lock"]
+    finally:
+        held.release()
+    assert (out / ".run.lock").read_text() == ""  # released cleanly: no records left
+
+
+def test_the_lock_of_a_killed_run_is_named_and_taken_over(tmp_path, capsys):
+    from ldm_pipeline.run_lock import acquire_run_lock, read_records
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".run.lock").write_text(json.dumps({"host": "h", "pid": 2 ** 22 + 1, "rank": 0, "started": "then"}) + "\n")
+    lock = acquire_run_lock(out)
+    try:
+        assert re.search(r"\.run\.lock was left by a run that ended without releasing it \(pid 4194305 \(rank 0\) "
+                         r"on host h, started then; no longer running\): taking it over", capsys.readouterr().err)
+        assert [r["pid"] for r in read_records(lock.fd)] == [os.getpid()]
+    finally:
+        lock.release()
+
+
+def test_a_multi_process_launch_whose_processes_run_alone_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from ldm_pipeline.run_lock import check_launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"The launcher started 2 processes but each one runs alone .*set "
+                                         r"ACCELERATE_USE_CPU=1"):
+        check_launch(SimpleNamespace(num_processes=1))
+    check_launch(SimpleNamespace(num_processes=2))
+
+
 # ------------------------------------------------------------------------------------- runs and checkpoints
 
 
@@ -257,20 +313,35 @@ def test_resuming_with_another_config_or_frozen_stage_is_refused(finished_run, s
                                     "--vae", str(stages / "other_vae")))
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped"])
-def test_a_damaged_random_state_file_stops_the_resume(finished_run, stages, tmp_path, damage):
+@pytest.mark.parametrize("name, damage", [("random_states_0.pkl", "missing"), ("random_states_0.pkl", "truncated"),
+                                          ("model.safetensors", "flipped"), ("optimizer.bin", "truncated"),
+                                          ("run_fingerprint.json", "missing")])
+def test_a_damaged_checkpoint_file_stops_the_resume_naming_it(finished_run, stages, tmp_path, name, damage):
     out = copy_run(finished_run, tmp_path)
-    states = out / "checkpoints" / "checkpoint-4" / "random_states_0.pkl"
+    path = out / "checkpoints" / "checkpoint-4" / name
     if damage == "missing":
-        states.unlink()
+        path.unlink()
     elif damage == "truncated":
-        states.write_bytes(states.read_bytes()[:20])
+        path.write_bytes(path.read_bytes()[:20])
     else:
-        raw = bytearray(states.read_bytes())
-        raw[len(raw) // 3] ^= 0xFF
-        states.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match=r"random_states_0.pkl is (missing|damaged)"):
+        raw = bytearray(path.read_bytes())
+        raw[-len(raw) // 3] ^= 0x01  # one bit of a weight: the file still loads
+        path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"checkpoint-4/{re.escape(name)} is (missing|damaged).*--resume_from_"
+                                         r"checkpoint .*checkpoint-2"):
         run_stage("unet", unet_args(stages, out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
+
+
+def test_a_checkpoint_without_its_fingerprint_is_refused(finished_run, tmp_path):
+    from ldm_pipeline.checkpoints import CHECKSUMS_FILE, FINGERPRINT_FILE, check_checkpoint, write_checksums
+
+    checkpoint = copy_run(finished_run, tmp_path) / "checkpoints" / "checkpoint-4"
+    (checkpoint / FINGERPRINT_FILE).unlink()
+    (checkpoint / CHECKSUMS_FILE).unlink()
+    write_checksums(checkpoint)  # consistent, but without the fingerprint
+    with pytest.raises(ValueError, match=r"run_fingerprint\.json is missing, so checkpoint checkpoint-4 cannot be "
+                                         r"matched to this run: resume from an earlier checkpoint"):
+        check_checkpoint(checkpoint, 1, {"training": {}})
 
 
 def test_a_torn_last_log_line_does_not_block_the_resume(finished_run, stages, tmp_path):
@@ -279,6 +350,35 @@ def test_a_torn_last_log_line_does_not_block_the_resume(finished_run, stages, tm
     log.write_text(log.read_text() + '{"step": 5, "lo')
     run_stage("unet", unet_args(stages, out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
     assert [r["step"] for r in read_jsonl(log)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_resume_at_the_last_checkpoint_writes_the_snapshot_a_kill_left_out(finished_run, stages, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    run_stage("unet", unet_args(stages, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+                                "--snapshot_steps", "2"))
+    assert (out / "snapshots" / "step-4" / "diffusion_pytorch_model.safetensors").is_file()
+    assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_validation_logged_again_after_a_resume_replaces_the_earlier_record(tmp_path):
+    """A run killed after its last checkpoint and its final validation, then resumed from that checkpoint, validates
+    that step again: the log keeps one record of it (the new one)."""
+    from types import SimpleNamespace
+
+    from ldm_pipeline.durable import JsonlLogger
+
+    main = SimpleNamespace(is_main_process=True)
+    first = JsonlLogger(tmp_path / "log.jsonl", main)
+    for step in (1, 2):
+        first.log(step=step, loss=1.0 / step, elapsed_s=0.1)
+    first.log(step=2, validation_psnr=10.0)
+    resumed = JsonlLogger(tmp_path / "log.jsonl", main, start_step=2)
+    resumed.log(step=2, validation_psnr=11.0)
+    resumed.log(step=3, loss=0.2, elapsed_s=0.3)
+    assert read_jsonl(tmp_path / "log.jsonl") == [{"step": 1, "loss": 1.0, "elapsed_s": 0.1},
+                                                  {"step": 2, "loss": 0.5, "elapsed_s": 0.1},
+                                                  {"step": 2, "validation_psnr": 11.0},
+                                                  {"step": 3, "loss": 0.2, "elapsed_s": 0.3}]
 
 
 def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_earlier_one(tmp_path, monkeypatch):
@@ -372,6 +472,24 @@ def test_a_cache_shard_with_flipped_bytes_is_an_error_naming_it(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=r"text-00000\.safetensors is damaged \(its checksum does not match"):
         ShardedLatentCache(directory, key)[1]
+
+
+def test_a_cache_shard_copied_over_another_is_an_error_naming_it(tmp_path):
+    from ldm_pipeline.caching import ShardedLatentCache, shard_path, write_manifest, write_shard
+
+    key = "k" * 64
+    directory = tmp_path / f"train-{key[:24]}"
+    for index in range(2):
+        write_shard(shard_path(directory, "samples", index), {
+            "latent_mean": torch.full((2, 4, 2, 2), float(index)), "latent_std": torch.ones(2, 4, 2, 2),
+            "caption_ids": torch.tensor([0, 1])}, key)
+    write_shard(shard_path(directory, "text", 0), {"text_embeds": torch.ones(2, 3, 8),
+                                                   "empty_embeds": torch.zeros(3, 8)}, key)
+    write_manifest(directory, key, "train", num_samples=4, num_captions=2, shard_size=2, storage_dtype="float32")
+    shutil.copyfile(shard_path(directory, "samples", 0), shard_path(directory, "samples", 1))
+    with pytest.raises(ValueError, match=r"samples-00001\.safetensors is damaged \(it holds shard "
+                                         r"samples-00000\.safetensors, copied over this one"):
+        ShardedLatentCache(directory, key)[3]
 
 
 def test_an_image_edited_with_the_same_size_and_time_changes_the_data_fingerprint(tmp_path):

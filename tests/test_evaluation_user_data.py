@@ -299,6 +299,10 @@ def test_ldm_eval_user_data_errors_name_the_flag(tmp_path, tiny_pipeline_dir, us
     with pytest.raises(FileNotFoundError, match="image_tower/"):
         evaluate_command(["--model", str(tiny_pipeline_dir), "--text_stage", str(tmp_path),
                           "--train_data_dir", str(user_folder), "--num_validation_samples", "8", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--streaming: ldm-eval reads the training split by index .*: drop "
+                                         r"--streaming"):
+        evaluate_command(["--model", str(tiny_pipeline_dir), "--text_stage", str(tmp_path), "--streaming",
+                          "--train_data_dir", str(user_folder), "--num_validation_samples", "8", "--out", str(tmp_path)])
 
 
 # ------------------------------------------------------------------------------ benchmarks/alignment_vs_geneval

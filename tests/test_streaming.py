@@ -227,14 +227,15 @@ def test_text_encoder_stage_trains_its_tokenizer_on_the_streamed_captions(tmp_pa
 @pytest.fixture
 def bad_shards(tmp_path):
     """Two good shards and a third whose second sample's image is not an image (plus a held-out shard)."""
-    shapes_shards(tmp_path, 2, 3)
+    folder = tmp_path / "shards"
+    shapes_shards(folder, 2, 3)
     good = ShapesDataset(2, 16, seed=4)
-    write_shard(tmp_path / "shard-002.tar", [
+    write_shard(folder / "shard-002.tar", [
         ("bad0", {"png": encode(good[0]["image"], "png"), "txt": b"a cat"}),
         ("bad1", {"png": b"not an image", "txt": b"a dog"}),
     ])
-    write_shard(tmp_path / "shard-003.tar", [("val", {"png": encode(good[1]["image"], "png"), "txt": b"a box"})])
-    return tmp_path
+    write_shard(folder / "shard-003.tar", [("val", {"png": encode(good[1]["image"], "png"), "txt": b"a box"})])
+    return folder
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +30,11 @@ ZERO_GRADIENT_PARAMETERS = ("to_k.bias",)  # softmax is shift-invariant: their g
 
 
 def vae_args(out: Path, *extra: str) -> list[str]:
-    """4 steps of the tiny config with the PatchGAN from step 2 (adaptive weight, batch norms) and EMA."""
+    """4 steps of the tiny config with the PatchGAN from step 2 (adaptive weight, batch norms), EMA, and a learning
+    rate that warms up over 10 steps (its schedule counts steps per process)."""
     return ["--config", str(TINY), "--output_dir", str(out), "--num_train_samples", "32", "--disc_start", "2",
-            "--use_ema", "--ema_decay", "0.5", "--checkpointing_steps", "2", "--report_to", "none", *extra]
+            "--use_ema", "--ema_decay", "0.5", "--checkpointing_steps", "2", "--report_to", "none",
+            "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "10", *extra]
 
 
 def launch_two_processes(argv: list[str]) -> str:
@@ -66,32 +69,49 @@ def two_processes(tmp_path_factory) -> Path:
     return out
 
 
-def test_two_processes_of_batch_4_train_as_one_process_of_batch_8(two_processes, tmp_path):
-    """Every logged term (L1, KL, generator and discriminator losses, the adaptive weight, the logits) of each step,
-    the saved (EMA) VAE, the discriminator with its batch-norm running statistics, and the held-out metrics agree
-    to float tolerance. The weights of parameters whose gradient is 0 in exact arithmetic get Adam-normalised float
-    noise, so they are held to a twentieth of one learning-rate step (1e-4) instead of 1e-5."""
-    one = tmp_path / "one"
-    metrics = run_stage("vae", vae_args(one, "--max_train_steps", "4", "--train_batch_size", "8"))
-    expected, got = train_history(one), train_history(two_processes)
-    assert [r["step"] for r in got] == [1, 2, 3, 4] and "gan_weight" in got[2]
-    assert [sorted(r) for r in got] == [sorted(r) for r in expected]
-    for a, b in zip(expected, got):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vae_one") / "run"
+    run_stage("vae", vae_args(out, "--max_train_steps", "4", "--train_batch_size", "8"))
+    return out
+
+
+def assert_same_training(expected: Path, got: Path) -> None:
+    """Every logged term (L1, KL, generator and discriminator losses, the adaptive weight, the logits, the learning
+    rate) of each step, the saved (EMA) VAE, the discriminator with its batch-norm running statistics, and the
+    held-out metrics agree to float tolerance. The weights of parameters whose gradient is 0 in exact arithmetic get
+    Adam-normalised float noise, so they are held to a twentieth of one learning-rate step (1e-4) instead of 1e-5."""
+    reference, history = train_history(expected), train_history(got)
+    assert [r["step"] for r in history] == [1, 2, 3, 4] and "gan_weight" in history[2]
+    assert [sorted(r) for r in history] == [sorted(r) for r in reference]
+    for a, b in zip(reference, history):
         np.testing.assert_allclose([b[k] for k in sorted(a)], [a[k] for k in sorted(a)], rtol=1e-4, atol=1e-7,
                                    err_msg=f"step {a['step']}")
     for relative in ("vae/diffusion_pytorch_model.safetensors", "checkpoints/checkpoint-4/model_1.safetensors"):
-        reference = weights(one, relative)
-        for name, tensor in weights(two_processes, relative).items():
+        reference_weights = weights(expected, relative)
+        for name, tensor in weights(got, relative).items():
             atol = 1e-4 if name.endswith(ZERO_GRADIENT_PARAMETERS) else 1e-5
-            torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=atol, msg=f"{relative}: {name}")
-    saved = json.loads((two_processes / "vae_metrics.json").read_text())
+            torch.testing.assert_close(tensor, reference_weights[name], rtol=1e-4, atol=atol, msg=f"{relative}: {name}")
+    saved, metrics = (json.loads((run / "vae_metrics.json").read_text()) for run in (got, expected))
     for key in ("psnr", "ssim", "scaling_factor"):
         assert saved[key] == pytest.approx(metrics[key], rel=1e-4), key
 
 
+def stopped_at_step_2(run: Path, tmp_path: Path) -> Path:
+    """A copy of a finished 4-step run as a run killed after its checkpoint at step 2 leaves it."""
+    copy = tmp_path / "stopped"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(copy / "vae")
+    return copy
+
+
+def test_two_processes_of_batch_4_train_as_one_process_of_batch_8(two_processes, one_process):
+    assert_same_training(one_process, two_processes)
+
+
 def test_a_two_process_run_stopped_at_step_2_resumes_exactly(two_processes, tmp_path):
-    resumed = tmp_path / "resumed"
-    launch_two_processes(vae_args(resumed, "--max_train_steps", "2", "--train_batch_size", "4"))
+    resumed = stopped_at_step_2(two_processes, tmp_path)
     assert (resumed / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").is_file()
     launch_two_processes(vae_args(resumed, "--max_train_steps", "4", "--train_batch_size", "4",
                                   "--resume_from_checkpoint", "latest"))
@@ -100,6 +120,33 @@ def test_a_two_process_run_stopped_at_step_2_resumes_exactly(two_processes, tmp_
         reference = weights(two_processes, relative)
         for name, tensor in weights(resumed, relative).items():
             assert torch.equal(tensor, reference[name]), f"{relative}: {name}"
+
+
+def test_a_one_process_checkpoint_resumes_on_two_processes_with_the_same_global_batch(one_process, tmp_path):
+    """1 process x batch 8 stopped at step 2, resumed by 2 processes x batch 4: the run an uninterrupted one would
+    have been (process 1 continues from process 0's random state; the learning-rate warm-up is rescaled)."""
+    resumed = stopped_at_step_2(one_process, tmp_path)
+    stdout = launch_two_processes(vae_args(resumed, "--max_train_steps", "4", "--train_batch_size", "4",
+                                           "--resume_from_checkpoint", "latest"))
+    assert ("written by 1 process(es) x batch 8 x 1 accumulation, with 2 x 4 x 1: the same global batch of 8"
+            in stdout)
+    assert_same_training(one_process, resumed)
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process_with_the_same_global_batch(two_processes, tmp_path):
+    resumed = stopped_at_step_2(two_processes, tmp_path)
+    run_stage("vae", vae_args(resumed, "--max_train_steps", "4", "--train_batch_size", "8",
+                              "--resume_from_checkpoint", "latest"))
+    assert_same_training(two_processes, resumed)
+
+
+def test_a_resume_with_another_global_batch_is_refused_with_the_arithmetic(two_processes, tmp_path):
+    resumed = stopped_at_step_2(two_processes, tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint-2 was written by 2 process\(es\) x batch 4 x 1 accumulation = "
+                                         r"global batch 8; this run has 1 x 4 x 1 = 4: pass --train_batch_size 8 or "
+                                         r"--gradient_accumulation_steps 2 to continue it with the same global batch"):
+        run_stage("vae", vae_args(resumed, "--max_train_steps", "4", "--train_batch_size", "4",
+                                  "--resume_from_checkpoint", "latest"))
 
 
 def test_posterior_noise_of_a_process_is_its_rows_of_the_global_draw(tmp_path, monkeypatch):

@@ -47,6 +47,7 @@ from ldm_pipeline.text_encoder import (
     train_tokenizer,
 )
 from ldm_pipeline.durable import check_writable
+from ldm_pipeline.run_lock import acquire_run_lock
 from ldm_pipeline.trainer import StageTrainer
 
 
@@ -68,8 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
     args, data = config.training, config.data
     if args.pretrained_text_encoder:
         state, output_dir = PartialState(), check_writable(args.output_dir, "--output_dir")
+        lock = acquire_run_lock(output_dir, state)
         metrics = copy_pretrained(args.pretrained_text_encoder, output_dir) if state.is_main_process else {}
         state.wait_for_everyone()
+        lock.release()
         return metrics
     trainer = StageTrainer(config)
     device = trainer.device

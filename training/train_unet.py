@@ -120,8 +120,17 @@ def main(argv: list[str] | None = None) -> dict:
                                                                               args.validation_scheduler)), args)
             trainer.log_images("validation", images)
 
-    # 5. Training loop.
+    def snapshot() -> None:
+        if trainer.is_main_process:
+            path = trainer.output_dir / "snapshots" / f"step-{trainer.global_step}"
+            save_unet_snapshot(model, trainer.ema, path)
+            trainer.progress.write(f"step {trainer.global_step}: U-Net snapshot written to {path}")
+
+    # 5. Training loop (a resume first writes its step's snapshot when a kill left it out).
     trainer.start(frozen_fingerprints, dataset=train_dataset)
+    if (trainer.global_step and trainer.every(args.snapshot_steps)
+            and not (trainer.output_dir / "snapshots" / f"step-{trainer.global_step}").is_dir()):
+        snapshot()
     unet.train()
     for batch in trainer.batches(train_dataloader, sampler):
         generator = trainer.generator()
@@ -149,10 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         if trainer.end_micro_step(loss=loss, lr=lr_scheduler.get_last_lr()[0]):
-            if trainer.save_due(args.snapshot_steps) and trainer.is_main_process:
-                snapshot = trainer.output_dir / "snapshots" / f"step-{trainer.global_step}"
-                save_unet_snapshot(model, trainer.ema, snapshot)
-                trainer.progress.write(f"step {trainer.global_step}: U-Net snapshot written to {snapshot}")
+            if trainer.save_due(args.snapshot_steps):
+                snapshot()
             if trainer.validation_due():
                 trainer.on_main_process(validate)
 

@@ -43,7 +43,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -56,6 +55,7 @@ from ldm_pipeline.config import DataConfig, add_dataclass_arguments, config_hash
 
 from . import shapes
 from .split import HELD_OUT_FILES, HELD_OUT_SLICE, OWN_SPLIT, SHAPES, held_out_rows, split_record
+from .file_checks import check_inside, check_one_layout, check_tar_shards, file_identity, load_local_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -414,6 +414,9 @@ def _read_csv(path: Path) -> list[tuple[int, dict]]:
 
 def _read_metadata(folder: Path) -> tuple[Path, list[tuple[int, dict]]]:
     """(metadata path, [(line number, row)]) of an imagefolder; a row that cannot be read: ValueError naming it."""
+    if all((folder / name).is_file() for name in METADATA_FILES):
+        raise ValueError(f"{folder} has both {' and '.join(METADATA_FILES)}; only one of them would be read. Keep one "
+                         "(with every row in it) and delete the other.")
     for name in METADATA_FILES:
         path = folder / name
         if path.is_file():
@@ -441,6 +444,7 @@ def _imagefolder_records(folder: Path, image_column: str, caption_column: str):
         if not isinstance(file_name, str) or not file_name.strip():
             raise ValueError(f"{where} has no {path_column!r} (the image file, relative to {folder}): add it or "
                              "delete the line.")
+        check_inside(folder, file_name, where)
         paths.append(str(folder / file_name))
         captions.append(_caption(record.get(caption_column), where))
         locations.append(where)
@@ -476,7 +480,8 @@ def _load_hf_dataset(data: DataConfig):
         else:
             for builder, extension in (("parquet", ".parquet"), ("arrow", ".arrow")):
                 if any(root.rglob(f"*{extension}")):
-                    loaded = datasets.load_dataset(builder, data_dir=str(root))
+                    loaded = load_local_dataset(builder, [p for p in root.rglob("*") if p.is_file()],
+                                                data_dir=str(root))
                     break
             else:
                 raise FileNotFoundError(f"{root} is not a dataset folder: expected metadata.jsonl/metadata.csv "
@@ -504,6 +509,8 @@ def _user_records(data: DataConfig, split: str):
     root = Path(data.train_data_dir) if data.dataset_name is None else None
     if root is not None and not root.is_dir():
         raise FileNotFoundError(f"--train_data_dir {root} is not a directory.")
+    if root is not None:
+        check_one_layout(root, _all_tar_shards(root), METADATA_FILES, ("train",) + VALIDATION_SPLITS)
     if root is not None and _is_tar_folder(root):
         images, captions = _shard_records(data, split)
         return images, captions, False
@@ -533,20 +540,13 @@ def tar_shards(folder: Path) -> list[Path]:
     return sorted(path for path in folder.glob("*.tar") if path.is_file()) if folder.is_dir() else []
 
 
+def _all_tar_shards(root: Path) -> list[Path]:
+    folders = [root] + [root / split for split in ("train",) + VALIDATION_SPLITS]
+    return [path for folder in folders for path in tar_shards(folder)]
+
+
 def _is_tar_folder(root: Path) -> bool:
-    return any(tar_shards(folder) for folder in [root] + [root / split for split in ("train",) + VALIDATION_SPLITS])
-
-
-def check_tar_shard(path: Path) -> None:
-    """A shard must be a readable tar archive with at least one member; otherwise a ValueError naming it."""
-    try:
-        with tarfile.open(path) as archive:
-            first = archive.next()
-    except (tarfile.TarError, OSError) as error:
-        raise ValueError(f"Shard {path} is not a readable tar archive ({error}): write it again or move it out of "
-                         "the folder.") from None
-    if first is None:
-        raise ValueError(f"Shard {path} is empty (no samples): write its samples again or move it out of the folder.")
+    return bool(_all_tar_shards(root))
 
 
 def _hold_out_files(files: list[str], num_validation: int, where: str) -> dict[str, list[str]]:
@@ -600,10 +600,10 @@ def stream_source(data: DataConfig) -> tuple[str, str | None, dict[str, list[str
     root = Path(data.train_data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"--train_data_dir {root} is not a directory.")
+    check_one_layout(root, _all_tar_shards(root), METADATA_FILES, ("train",) + VALIDATION_SPLITS)
     if _is_tar_folder(root):
         files = _local_split_files(root, tar_shards, data.num_validation_shards)
-        for path in files["train"] + files["validation"]:
-            check_tar_shard(Path(path))
+        check_tar_shards(files, data.source)
         return "webdataset", None, files
     if _is_saved_dataset(root) or _is_imagefolder(root):
         kind = "a save_to_disk folder" if _is_saved_dataset(root) else "an imagefolder"
@@ -625,9 +625,14 @@ def _load_split(data: DataConfig, split: str, streaming: bool):
     import datasets
 
     path, config_name, files = stream_source(data)
+    local = not streaming and all(os.path.isfile(f) for f in files[split])
     try:
-        dataset = datasets.load_dataset(path, config_name, data_files={split: files[split]}, split=split,
-                                        streaming=streaming)
+        if local:  # its Arrow copy is made again when a file changed (`load_local_dataset`)
+            dataset = load_local_dataset(path, [Path(f) for f in files[split]], name=config_name,
+                                         data_files={split: files[split]}, split=split)
+        else:
+            dataset = datasets.load_dataset(path, config_name, data_files={split: files[split]}, split=split,
+                                            streaming=streaming)
     except ValueError as error:
         raise ValueError(f"Cannot read the shards of {data.source} (the first is {files[split][0]}): {error} The "
                          "first samples of a shard must all have the same members: an image (.jpg, .png, .webp) "
@@ -945,9 +950,7 @@ def dataset_fingerprint(data: DataConfig, split: str = "train") -> str:
     if data.dataset_name is None:
         root = Path(data.train_data_dir)
         files = sorted(p for p in root.rglob("*") if p.is_file())
-        payload.update(source=str(root.resolve()), files=[
-            (str(p.relative_to(root)), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-            for p in files for stat in (p.stat(),)])
+        payload.update(source=str(root.resolve()), files=[(str(p.relative_to(root)), *file_identity(p)) for p in files])
     elif data.streaming:
         payload.update(source=data.dataset_name, config=data.dataset_config_name, files=stream_source(data)[2])
     else:
