@@ -139,3 +139,33 @@ def test_a_non_finite_loss_is_recorded_on_its_device_at_its_first_step():
         first = first_non_finite_step(first, torch.tensor(loss), step)
     assert first.item() == 2
     assert first_non_finite_step(torch.tensor(-1), torch.tensor([1.0, float("nan")]), 7).item() == 7
+
+
+@pytest.mark.parametrize("saved_processes, num_processes", [(2, 1), (1, 2), (2, 4)])
+def test_a_resume_under_another_process_count_rescales_the_learning_rate_schedule(tmp_path, saved_processes,
+                                                                                   num_processes):
+    """Accelerate steps a schedule once per process and update, so after k updates a schedule saved by n processes
+    counts n·k; resumed by m processes it must count m·k, with the learning rate of k updates (warm-up 10)."""
+    from types import SimpleNamespace
+
+    from diffusers.optimization import get_scheduler
+
+    from ldm_pipeline.checkpoints import load_checkpoint
+
+    def schedule(processes: int, updates: int):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=10 * processes)
+        for _ in range(updates * processes):
+            optimizer.step()
+            scheduler.step()
+        return scheduler
+
+    resumed = schedule(num_processes, 0)  # the new run's schedule, then the checkpoint's state loaded into it
+    accelerator = SimpleNamespace(num_processes=num_processes, process_index=0,
+                                  _schedulers=[SimpleNamespace(scheduler=resumed)],
+                                  load_state=lambda path: resumed.load_state_dict(schedule(saved_processes, 3)
+                                                                                  .state_dict()))
+    load_checkpoint(accelerator, tmp_path, saved_processes)
+    expected = schedule(num_processes, 3)
+    assert resumed.last_epoch == expected.last_epoch == 3 * num_processes
+    assert resumed.get_last_lr() == pytest.approx(expected.get_last_lr()) and expected.get_last_lr()[0] == 0.3
