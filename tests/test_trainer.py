@@ -6,7 +6,8 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
 from ldm_pipeline.checkpoints import list_checkpoints, resolve_resume_path, save_checkpoint
-from ldm_pipeline.trainer import EpochShuffleSampler, NonFiniteLossError, check_finite_loss, train_batches
+from ldm_pipeline.data_order import EpochShuffleSampler, train_batches
+from ldm_pipeline.trainer import NonFiniteLossError, check_finite_loss
 
 
 def _loader(accelerator, n=10, batch_size=3, seed=7):

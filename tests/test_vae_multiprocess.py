@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from conftest import run_stage
 from ldm_pipeline.config import load_stage_config
-from ldm_pipeline.trainer import StageTrainer, step_generator
+from ldm_pipeline.data_order import step_generator
+from ldm_pipeline.trainer import StageTrainer
 from ldm_pipeline.vae import AutoencoderWithPosterior, build_vae
 
 REPO = Path(__file__).resolve().parents[1]
