@@ -4,9 +4,9 @@ foreign shards, fp16 storage error, processes that disagree, and a 2-process bui
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -161,13 +161,15 @@ def test_getitems_gathers_the_same_rows_as_per_item_access(built, reference):
         held.latent_mean, held.latent_std, held.caption_ids, held.text_embeds, held.empty_embeds()))
 
 
-def resident_kib_of_maps_under(directory: Path) -> dict[str, int]:
-    """``{file: Rss in KiB}`` of this process's memory maps of files under ``directory`` (``/proc/self/smaps``)."""
+def resident_kib_of_maps(maps: dict[str, mmap.mmap]) -> dict[str, int]:
+    """``{name: Rss in KiB}`` of the given memory maps of this process (``/proc/self/smaps``): only these maps, not
+    other maps of the same files (another cache's, or the ones that checked each shard once)."""
+    starts = {np.frombuffer(mapped, dtype=np.uint8).ctypes.data: name for name, mapped in maps.items()}
     resident, current = {}, None
     for line in Path("/proc/self/smaps").read_text().splitlines():
         fields = line.split()
-        if len(fields) >= 6 and "-" in fields[0]:  # a mapping's header line: address perms offset dev inode path
-            current = fields[5] if fields[5].startswith(str(directory)) else None
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line: address perms offset dev inode
+            current = starts.get(int(fields[0].split("-")[0], 16))
         elif current is not None and fields[0] == "Rss:":
             resident[current] = resident.get(current, 0) + int(fields[1])
     return resident
@@ -178,17 +180,17 @@ def test_reads_keep_the_shards_mapped_without_keeping_their_pages(built):
     """The shards stay mapped (no file is reopened per batch), but every gather hands their pages back, so the
     process's memory does not grow with the rows it has read."""
     _, _, directory = built
-    gc.collect()  # caches of earlier tests on the same shards, if still alive, would be counted with this one
     cache = ShardedLatentCache(directory, json.loads((directory / MANIFEST).read_text())["key"])
     for _ in range(2):
         batch = cache.__getitems__(list(range(NUM_SAMPLES)))
     assert batch["latent_mean"].shape[0] == NUM_SAMPLES
-    resident = resident_kib_of_maps_under(directory)
-    assert len(resident) == len(list(directory.glob("*.safetensors"))), resident
+    maps = {path.name: shard.map for path, shard in cache._shards.items()}
+    resident = resident_kib_of_maps(maps)
+    assert sorted(resident) == sorted(p.name for p in directory.glob("*.safetensors")), resident
     assert sum(resident.values()) == 0, resident
     touched = next(iter(cache._shards.values()))
     np.asarray(touched.arrays["latent_mean" if "latent_mean" in touched.arrays else "text_embeds"]).sum()
-    assert sum(resident_kib_of_maps_under(directory).values()) > 0, "a read without handing back keeps its pages"
+    assert sum(resident_kib_of_maps(maps).values()) > 0, "a read without handing back keeps its pages"
 
 
 def count_vae_encodes(monkeypatch) -> dict:
