@@ -36,7 +36,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ldm_pipeline.cli_generate import add_sampling_args, noise_level
+from ldm_pipeline.cli_generate import add_sampling_args
 from ldm_pipeline.config import CommandParser, data_config_from_args
 from ldm_pipeline.data import add_data_args, build_dataset
 from ldm_pipeline.data.datasets import data_split_record

@@ -17,7 +17,6 @@ Every other warning is kept. `loss_line` is the line a stage prints every ``--lo
 from __future__ import annotations
 
 import logging
-from typing import Sequence
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 BOOKKEEPING_LOGGERS = ("accelerate.accelerator", "accelerate.checkpointing")

@@ -264,12 +264,17 @@ def test_token_region_similarity_tells_a_colour_swap_only_from_bound_token_state
     assert scores_bound[0, 0].item() > scores_bound[0, 1].item() + 0.1
 
 
+def model_with_head(tokenizer, architecture: str, **head: bool):
+    """A tiny image-text model in eval mode with the given head, three captions' tokens and three images."""
+    torch.manual_seed(0)
+    model = build_contrastive_model(tiny_model_config(architecture), tokenizer, **head).eval()
+    tokens = tokenizer(CAPTIONS[:3], padding="max_length", return_tensors="pt")
+    return model, tokens, torch.rand(3, 3, 32, 32) * 2 - 1
+
+
 @pytest.mark.parametrize("architecture", ["clip", "t5"])
 def test_token_region_head_returns_token_states_of_the_same_forward_pass(tokenizer, architecture):
-    torch.manual_seed(0)
-    model = build_contrastive_model(tiny_model_config(architecture), tokenizer, token_region_head=True).eval()
-    tokens = tokenizer(CAPTIONS[:3], padding="max_length", return_tensors="pt")
-    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    model, tokens, images = model_with_head(tokenizer, architecture, token_region_head=True)
     with torch.no_grad():
         output = model(tokens.input_ids, tokens.attention_mask, images)
         states, _ = text_states(model.text_encoder, tokens.input_ids, tokens.attention_mask)
@@ -324,10 +329,7 @@ def test_masked_token_loss_is_the_mean_cross_entropy_over_masked_words():
 
 @pytest.mark.parametrize("architecture", ["clip", "t5"])
 def test_masked_token_head_reads_masked_states_against_their_own_image(tokenizer, architecture):
-    torch.manual_seed(0)
-    model = build_contrastive_model(tiny_model_config(architecture), tokenizer, masked_token_head=True).eval()
-    tokens = tokenizer(CAPTIONS[:3], padding="max_length", return_tensors="pt")
-    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    model, tokens, images = model_with_head(tokenizer, architecture, masked_token_head=True)
     masked = tokens.input_ids.clone()
     masked[:, 2] = tokenizer.mask_token_id
     with torch.no_grad():
