@@ -59,13 +59,13 @@ def run(command: list[str]) -> None:
 
 def evaluate(args, pipeline: Path, word_orders: str, sampling_seed: int, out: Path) -> dict:
     """``ldm-eval`` of ``pipeline`` on the ``word_orders`` prompts of `CATEGORIES`; its report's scores."""
+    from ldm_pipeline.cli_eval import sampling_flags  # what eval.json leaves out takes the sampling defaults
+
     eval_config = json.loads((Path(args.config_dir) / "eval.json").read_text())
     run([sys.executable, "-m", "ldm_pipeline.cli_eval", "--model", str(pipeline), "--out", str(out),
          "--categories", *CATEGORIES, "--word_orders", word_orders,
          "--shapes_held_out_orders", str(args.held_out_orders), "--data_seed", "0",
-         "--num_images", str(args.num_images), "--seed", str(sampling_seed),
-         "--scheduler", eval_config["scheduler"], "--steps", str(eval_config["steps"]),
-         "--guidance_scale", str(eval_config["guidance_scale"])])
+         "--num_images", str(args.num_images), "--seed", str(sampling_seed), *sampling_flags(eval_config)])
     return json.loads((out / "report.json").read_text())["scores"]
 
 

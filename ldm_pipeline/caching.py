@@ -9,6 +9,8 @@ computed once per (VAE, text encoder + tokenizer, data, resolution, storage) and
     samples-00000.safetensors samples [0, S):
         latent_mean, latent_std   [S, C, h, w]  mean and std of the VAE posterior q(z | x_i) (float32 or float16)
         caption_ids               [S]           row of the text shards holding sample i's caption
+        grounding_tokens          [S, K]        with a grounding loss only (``ldm_pipeline.grounding``): token
+        grounding_masks           [S, K, h, w]  positions of the object words and their objects' coverage (uint8)
     text-00000.safetensors    rows [0, S) of the U sorted distinct captions:
         text_embeds               [S, L, D]     ``encode_prompts`` of each distinct caption, once (deduplicated)
         empty_embeds              [L, D]        the empty prompt "" (caption dropout / guidance; shard 0 only)
@@ -46,13 +48,15 @@ from safetensors.torch import load_file, save_file
 from ldm_pipeline.data import collate_examples, dataset_captions
 from ldm_pipeline.durable import atomic_file, check_writable, remove_partial_files, write_json_atomic
 from ldm_pipeline.fast_path import resolve_fast_path
+from ldm_pipeline.grounding import MAX_GROUNDED_TOKENS
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 
 CACHE_FORMAT_VERSION = "4"
 MANIFEST = "manifest.json"
 SHARD_METADATA = "ldm_pipeline_cache"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-SAFETENSORS_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
+SAFETENSORS_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "U8": np.uint8}
+GROUNDING_TENSORS = ("grounding_tokens", "grounding_masks")
 
 # ------------------------------------------------------------------------------------------------ fingerprints
 
@@ -265,13 +269,15 @@ class ShardedLatentCache(torch.utils.data.Dataset):
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"indices out of range for a cache of {len(self)} samples")
-        samples = self._gather("samples", ("latent_mean", "latent_std", "caption_ids"), indices)
+        grounding = GROUNDING_TENSORS if self.manifest.get("grounding") else ()
+        samples = self._gather("samples", ("latent_mean", "latent_std", "caption_ids", *grounding), indices)
         text = self._gather("text", ("text_embeds",), samples["caption_ids"])
         return {
             "latent_mean": torch.from_numpy(samples["latent_mean"]).float(),  # [B, C, h, w]
             "latent_std": torch.from_numpy(samples["latent_std"]).float(),
             "prompt_embeds": torch.from_numpy(text["text_embeds"]).float(),  # [B, L, D]
             "index": torch.from_numpy(indices),
+            **{name: torch.from_numpy(samples[name]) for name in grounding},  # [B, K], [B, K, h, w]
         }
 
     def __getitem__(self, index: int) -> dict:
@@ -295,6 +301,8 @@ class ShardedLatentCache(torch.utils.data.Dataset):
         manifest = self.manifest
         item = STORAGE_DTYPES[manifest["storage_dtype"]].itemsize
         samples = manifest["num_samples"] * (2 * math.prod(manifest["latent_shape"]) * item + 8)
+        if manifest.get("grounding"):
+            samples += manifest["num_samples"] * (8 + math.prod(manifest["latent_shape"][1:])) * MAX_GROUNDED_TOKENS
         return samples + (manifest["num_captions"] + 1) * math.prod(manifest["text_shape"]) * item
 
     def read_all(self, kind: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -307,14 +315,17 @@ class ShardedLatentCache(torch.utils.data.Dataset):
 class DeviceLatentCache(torch.utils.data.Dataset):
     """A ``ShardedLatentCache`` held whole in ``device`` memory (in its storage dtype): the DataLoader gives each
     batch's indices only (``__getitems__``, no worker needed) and ``fetch`` gathers the rows on the device, the same
-    values as the shards give (``latent_mean``, ``latent_std`` [B, C, h, w], ``prompt_embeds`` [B, L, D], float32)."""
+    values as the shards give (``latent_mean``, ``latent_std`` [B, C, h, w], ``prompt_embeds`` [B, L, D], float32,
+    and the grounding targets when the cache has them)."""
 
     def __init__(self, cache: ShardedLatentCache, device: torch.device | str):
         self.device = torch.device(device)
-        samples = cache.read_all("samples", ("latent_mean", "latent_std", "caption_ids"))
+        grounding = GROUNDING_TENSORS if cache.manifest.get("grounding") else ()
+        samples = cache.read_all("samples", ("latent_mean", "latent_std", "caption_ids", *grounding))
         text = cache.read_all("text", ("text_embeds",))
         self.latent_mean, self.latent_std, self.caption_ids = (samples[name].to(self.device) for name in
                                                                ("latent_mean", "latent_std", "caption_ids"))
+        self.grounding = {name: samples[name].to(self.device) for name in grounding}
         self.text_embeds = text["text_embeds"].to(self.device)
         self._empty_embeds = cache.empty_embeds().to(self.device)
 
@@ -327,7 +338,8 @@ class DeviceLatentCache(torch.utils.data.Dataset):
     def fetch(self, batch: dict) -> dict:
         index = batch["index"].to(self.device, non_blocking=True)
         return {"latent_mean": self.latent_mean[index].float(), "latent_std": self.latent_std[index].float(),
-                "prompt_embeds": self.text_embeds[self.caption_ids[index]].float(), "index": index}
+                "prompt_embeds": self.text_embeds[self.caption_ids[index]].float(), "index": index,
+                **{name: values[index] for name, values in self.grounding.items()}}
 
     def empty_embeds(self) -> torch.Tensor:
         return self._empty_embeds
@@ -374,24 +386,29 @@ def shards_of(num_rows: int, shard_size: int, process_index: int, num_processes:
 
 @torch.no_grad()
 def compute_sample_shard(dataset, collate_fn: Callable, vae, caption_rows: dict[str, int], start: int, stop: int,
-                         batch_size: int, dtype: torch.dtype, num_workers: int = 0) -> dict[str, torch.Tensor]:
+                         batch_size: int, dtype: torch.dtype, num_workers: int = 0,
+                         grounding: Callable | None = None) -> dict[str, torch.Tensor]:
     """VAE posteriors and caption rows of samples [start, stop), in batches of ``batch_size`` from ``start`` (made
-    by ``num_workers`` DataLoader workers, in order)."""
+    by ``num_workers`` DataLoader workers, in order), and with ``grounding`` (``grounding.grounding_encoder``)
+    their grounding targets."""
     subset = torch.utils.data.Subset(dataset, range(start, stop))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                                          num_workers=num_workers)
-    means, stds, ids = [], [], []
+    means, stds, ids, targets = [], [], [], []
     for batch in loader:
         mean, std = encode_posterior(vae, batch["pixel_values"])
         means.append(mean)
         stds.append(std)
+        if grounding is not None:
+            targets.append(grounding(batch["captions"], batch.get("groundings") or [None] * len(batch["captions"])))
         for caption in batch["captions"]:
             if caption not in caption_rows:
                 raise ValueError(f"The caption {caption!r} of the training data changed while the cache was built: "
                                  "run again on unchanged data.")
             ids.append(caption_rows[caption])
+    grounded = {name: torch.cat([target[name] for target in targets]) for name in GROUNDING_TENSORS} if targets else {}
     return {"latent_mean": torch.cat(means).to(dtype), "latent_std": torch.cat(stds).to(dtype),
-            "caption_ids": torch.tensor(ids, dtype=torch.long)}
+            "caption_ids": torch.tensor(ids, dtype=torch.long), **grounded}
 
 
 def agree_across_processes(accelerator, num_samples: int, key: str, complete: bool) -> bool:
@@ -415,7 +432,8 @@ def agree_across_processes(accelerator, num_samples: int, key: str, complete: bo
 
 def build_cache(directory: Path, key: str, dataset, collate_fn: Callable, vae, text_encoder, tokenizer,
                 captions: Sequence[str], shard_size: int, batch_size: int, dtype: torch.dtype,
-                process_index: int = 0, num_processes: int = 1, num_workers: int = 0) -> int:
+                process_index: int = 0, num_processes: int = 1, num_workers: int = 0,
+                grounding: Callable | None = None) -> int:
     """Compute this process's missing shards (``shards_of``) of the cache in ``directory``; returns how many.
 
     ``captions`` are the samples' captions in dataset order (``dataset_captions``); their sorted distinct values
@@ -430,7 +448,7 @@ def build_cache(directory: Path, key: str, dataset, collate_fn: Callable, vae, t
         remove_partial_files(path)
         start, stop = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
         write_shard(path, compute_sample_shard(dataset, collate_fn, vae, caption_rows, start, stop, batch_size,
-                                               dtype, num_workers), key)
+                                               dtype, num_workers, grounding), key)
         computed += 1
     for shard in shards_of(len(distinct), shard_size, process_index, num_processes):
         path = shard_path(directory, "text", shard)
@@ -447,7 +465,7 @@ def build_cache(directory: Path, key: str, dataset, collate_fn: Callable, vae, t
 
 
 def write_manifest(directory: Path, key: str, split: str, num_samples: int, num_captions: int, shard_size: int,
-                   storage_dtype: str) -> dict:
+                   storage_dtype: str, grounding: bool = False) -> dict:
     """Write ``manifest.json`` of a cache whose shards are all written; the shapes are read from shard 0."""
     samples, _ = read_header(shard_path(directory, "samples", 0))
     text, _ = read_header(shard_path(directory, "text", 0))
@@ -456,7 +474,7 @@ def write_manifest(directory: Path, key: str, split: str, num_samples: int, num_
         "shard_size": shard_size, "num_sample_shards": math.ceil(num_samples / shard_size),
         "num_text_shards": math.ceil(num_captions / shard_size), "storage_dtype": storage_dtype,
         "latent_shape": samples["latent_mean"]["shape"][1:], "text_shape": text["empty_embeds"]["shape"],
-        "num_captions": num_captions,
+        "num_captions": num_captions, "grounding": grounding,
     }
     write_json_atomic(directory / MANIFEST, manifest)
     return manifest
@@ -474,14 +492,17 @@ def default_cache_dir(args) -> Path:
 
 
 def open_or_build_cache(config, accelerator, dataset, vae, text_encoder, tokenizer, frozen_fingerprints: dict,
-                        data_key: str, split: str = "train") -> ShardedLatentCache:
+                        data_key: str, split: str = "train", grounding: Callable | None = None) -> ShardedLatentCache:
     """The cache of the U-Net stage ``config`` (``UNetTrainingConfig``: ``cache_dir``, ``cache_dtype``,
     ``cache_shard_size``, ``cache_batch_size``) over ``dataset``: reused when it is complete, else its missing
-    shards are computed by all processes in parallel (``build_cache``), then every process opens it.
+    shards are computed by all processes in parallel (``build_cache``), then every process opens it. With
+    ``grounding`` (``grounding.grounding_encoder``) the sample shards also hold the grounding targets (another key).
 
     Called by ``training/train_unet.py`` and ``training/cache_latents.py``, so both compute the same key."""
     args = config.training
     storage = f"{args.cache_dtype}/{args.cache_shard_size}"
+    if grounding is not None:
+        storage += f"/grounding/{config.data.grounding_column}"
     key = cache_key(frozen_fingerprints, data_key, storage)
     directory = cache_directory(check_writable(default_cache_dir(args), "--cache_dir"), split, key)
     manifest_path = directory / MANIFEST
@@ -505,12 +526,13 @@ def open_or_build_cache(config, accelerator, dataset, vae, text_encoder, tokeniz
     workers = resolve_fast_path(args, accelerator.device).dataloader_num_workers  # render images in workers on a GPU
     computed = build_cache(directory, key, dataset, collate_examples, vae, text_encoder, tokenizer, captions,
                            args.cache_shard_size, args.cache_batch_size, STORAGE_DTYPES[args.cache_dtype],
-                           accelerator.process_index, accelerator.num_processes, workers)
+                           accelerator.process_index, accelerator.num_processes, workers, grounding)
     if accelerator.num_processes > 1:
         accelerator.print(f"Process {accelerator.process_index} computed {computed} shard(s); waiting for the others.")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not manifest_path.is_file():
-        write_manifest(directory, key, split, len(dataset), num_captions, args.cache_shard_size, args.cache_dtype)
+        write_manifest(directory, key, split, len(dataset), num_captions, args.cache_shard_size, args.cache_dtype,
+                       grounding is not None)
     accelerator.wait_for_everyone()
     return ShardedLatentCache(directory, key)
 

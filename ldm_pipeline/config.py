@@ -62,6 +62,9 @@ class DataConfig:
                                               "save_to_disk output, or Parquet/Arrow files.")
     image_column: str = option("image", "Column of the images.")
     caption_column: str = option("text", "Column of the captions.")
+    grounding_column: str = option("grounding", "Column of an imagefolder's metadata.jsonl naming, per row, a mask "
+                                                'image for words of the caption ({"cat": "masks/1_cat.png"}): read '
+                                                "only by the U-Net's grounding loss (--grounding_token_weight).")
     resolution: int | None = option(None, "Side of the square training images.", gt=0, required=True)
     center_crop: bool = option(False, "Centre-crop after resizing (the default crop).")
     random_crop: bool = option(False, "Random crop after resizing instead of a centre crop.")
@@ -249,6 +252,12 @@ class UNetTrainingConfig(TrainingConfig):
     noise_offset: float = option(0.0, "Offset-noise scale (0 disables).", ge=0)
     caption_dropout_prob: float = option(0.1, "Probability of training on the empty prompt (for classifier-free "
                                               "guidance).", ge=0, le=1)
+    grounding_token_weight: float = option(0.0, "Weight λ of the grounding loss's token term (TokenCompose, "
+                                                "ldm_pipeline.grounding): each object word's cross-attention is "
+                                                "pulled inside its object's mask. Needs masks: the built-in shapes "
+                                                "data, or --grounding_column of your data. 0 turns it off.", ge=0)
+    grounding_pixel_weight: float = option(0.0, "Weight β of the grounding loss's pixel term (binary cross-entropy "
+                                                "of each object word's attention map against the mask).", ge=0)
     validation_prompts: list[str] | None = option(None, "Prompts of the validation grids.", run_only=True)
     validation_num_inference_steps: int = option(SAMPLING_DEFAULTS.num_inference_steps,
                                                  "Sampling steps of the validation grids.", gt=0, run_only=True)

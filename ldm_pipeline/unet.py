@@ -23,6 +23,7 @@ from ldm_pipeline.caching import fingerprint_model, fingerprint_tokenizer
 from ldm_pipeline.config import UNetTrainingConfig, closest
 from ldm_pipeline.diffusion import add_noise, diffusion_loss, sample_noise, sample_timesteps, training_target
 from ldm_pipeline.durable import atomic_directory
+from ldm_pipeline.grounding import MASK_LEVELS, grounding_losses
 from ldm_pipeline.schedulers import SAMPLING_DEFAULTS, scheduler_from_name
 from ldm_pipeline.trainer import ema_weights
 from ldm_pipeline.text_encoder import text_hidden_size
@@ -61,20 +62,28 @@ class DenoisingObjective:
     """One step's DDPM loss for a batch of clean latents and text states (see the module docstring).
 
     ``noise_scheduler`` supplies ᾱ_t, T and the prediction type; ``snr_gamma`` turns on Min-SNR-γ weighting
-    (Hang et al. 2023, arXiv:2303.09556); ``noise_offset`` adds offset noise."""
+    (Hang et al. 2023, arXiv:2303.09556); ``noise_offset`` adds offset noise. With a ``recorder`` (a
+    ``grounding.CrossAttentionRecorder`` installed in the U-Net) and a batch's grounding targets, the loss gains
+    TokenCompose's terms, ``token_weight · L_token + pixel_weight · L_pixel`` (``ldm_pipeline.grounding``); their
+    values are kept in ``grounding_terms`` for the logs."""
 
-    def __init__(self, noise_scheduler: DDPMScheduler, snr_gamma: float | None = None, noise_offset: float = 0.0):
+    def __init__(self, noise_scheduler: DDPMScheduler, snr_gamma: float | None = None, noise_offset: float = 0.0,
+                 recorder=None, token_weight: float = 0.0, pixel_weight: float = 0.0):
         self.alphas_cumprod = noise_scheduler.alphas_cumprod
         self._alphas_cumprod_on: dict[torch.device, torch.Tensor] = {}  # copied to a device once, not every step
         self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
         self.prediction_type = noise_scheduler.config.prediction_type
         self.snr_gamma = snr_gamma
         self.noise_offset = noise_offset
+        self.recorder, self.token_weight, self.pixel_weight = recorder, token_weight, pixel_weight
+        self.grounding_terms: dict[str, torch.Tensor] = {}
 
     def __call__(self, unet, latents: torch.Tensor, prompt_embeds: torch.Tensor, generator: torch.Generator,
-                 global_batch: int | None = None, rows: slice | None = None) -> torch.Tensor:
+                 global_batch: int | None = None, rows: slice | None = None,
+                 grounding: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The loss of ``latents`` [B, C, h, w]. ε and t are drawn for a ``global_batch`` (default B) of which these
-        latents are ``rows`` (see ``StageTrainer.global_rows``)."""
+        latents are ``rows`` (see ``StageTrainer.global_rows``). ``grounding``: ``grounding_tokens`` [B, K] and
+        ``grounding_masks`` [B, K, h, w] (uint8 coverage, ``grounding.encode_grounding``)."""
         device = latents.device
         if device not in self._alphas_cumprod_on:
             self._alphas_cumprod_on[device] = self.alphas_cumprod.to(device)
@@ -85,8 +94,22 @@ class DenoisingObjective:
         timesteps = sample_timesteps(global_batch, self.num_train_timesteps, generator)[rows].to(device)
         noisy_latents = add_noise(latents, noise, timesteps, alphas_cumprod)
         target = training_target(latents, noise, timesteps, alphas_cumprod, self.prediction_type)
-        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
-        return diffusion_loss(model_pred, target, timesteps, alphas_cumprod, self.prediction_type, self.snr_gamma)
+        grounded = self.recorder is not None and grounding is not None
+        if grounded:
+            self.recorder.recording = True
+        try:
+            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        finally:
+            if grounded:
+                self.recorder.recording = False
+        loss = diffusion_loss(model_pred, target, timesteps, alphas_cumprod, self.prediction_type, self.snr_gamma)
+        if grounded:
+            masks = grounding["grounding_masks"].to(device).float() / MASK_LEVELS
+            token_loss, pixel_loss = grounding_losses(self.recorder.take(), grounding["grounding_tokens"].to(device),
+                                                      masks)
+            self.grounding_terms = {"token_loss": token_loss.detach(), "pixel_loss": pixel_loss.detach()}
+            loss = loss + self.token_weight * token_loss + self.pixel_weight * pixel_loss
+        return loss
 
 
 

@@ -19,6 +19,7 @@ from ldm_pipeline.caching import open_or_build_cache
 from ldm_pipeline.config import load_stage_config
 from ldm_pipeline.data import build_dataset, dataset_fingerprint
 from ldm_pipeline.errors import run_cli
+from ldm_pipeline.grounding import grounding_encoder
 from ldm_pipeline.text_encoder import load_pretrained_text_encoder
 from ldm_pipeline.unet import frozen_stage_fingerprints
 from ldm_pipeline.vae import load_vae
@@ -35,11 +36,14 @@ def main(argv: list[str] | None = None) -> dict:
     vae = load_vae(config.training.vae)
     for frozen in (text_encoder, vae):
         frozen.requires_grad_(False).eval().to(accelerator.device)
-    dataset = build_dataset(data, split="train")
+    grounding = grounding_encoder(config.training, tokenizer, vae, data.resolution)  # what train_unet.py caches
+    dataset = build_dataset(data, split="train", grounding=grounding is not None)
+    if not getattr(dataset, "has_masks", False):
+        grounding = None  # as train_unet.py: no masks, no grounding loss
     start = time.perf_counter()
     cache = open_or_build_cache(config, accelerator, dataset, vae, text_encoder, tokenizer,
                                 frozen_stage_fingerprints(vae, text_encoder, tokenizer),
-                                dataset_fingerprint(data, "train"))
+                                dataset_fingerprint(data, "train"), grounding=grounding)
     seconds = time.perf_counter() - start
     size = cache.size_on_disk()
     accelerator.print(f"Cache {cache.directory}: {len(cache)} samples, {cache.manifest['num_captions']} distinct "

@@ -10,6 +10,8 @@ Per step (``ldm_pipeline.unet.DenoisingObjective``; DDPM's training algorithm on
     c   = text_encoder(caption), or text_encoder("") with probability caption_dropout_prob
     t ~ U{0..T-1},  ε ~ N(0, I) (+ offset noise),  z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) ε
     loss = w(t) · || target - unet(z_t, t, c) ||²,  target = ε or v,  w = 1 or Min-SNR-γ
+         + λ L_token + β L_pixel    with --grounding_token_weight λ / --grounding_pixel_weight β: each object word's
+                                    cross-attention pulled onto its object's mask (``ldm_pipeline.grounding``)
 
 The frozen VAE and text encoder run once over the data and their outputs are cached on disk in shards that all
 processes build together (``--cache_dir``, default OUT/../cache; ``training/cache_latents.py`` builds it ahead),
@@ -35,6 +37,7 @@ from ldm_pipeline.data import build_dataset, collate_examples
 from ldm_pipeline.data.split import record_stage_split
 from ldm_pipeline.diffusion import build_noise_scheduler, caption_dropout_mask
 from ldm_pipeline.errors import run_cli
+from ldm_pipeline.grounding import grounding_encoder, record_cross_attention
 from ldm_pipeline.pipeline_latent_diffusion import LatentDiffusionPipeline
 from ldm_pipeline.prompt_encoding import encode_prompts, tokenize_prompts
 from ldm_pipeline.stage_dirs import check_stage_dirs
@@ -70,13 +73,22 @@ def main(argv: list[str] | None = None) -> dict:
     unet = build_unet(config.model, vae, text_encoder, data.resolution)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    objective = DenoisingObjective(noise_scheduler, args.snr_gamma, args.noise_offset)
+    objective = DenoisingObjective(noise_scheduler, args.snr_gamma, args.noise_offset,
+                                   token_weight=args.grounding_token_weight, pixel_weight=args.grounding_pixel_weight)
+    grounding = grounding_encoder(args, tokenizer, vae, data.resolution)  # None unless a grounding weight is set
+    if grounding is not None and args.torch_compile != "no":
+        raise ValueError("--grounding_token_weight / --grounding_pixel_weight read the cross-attention maps out of "
+                         "the U-Net's forward pass: train them with --torch_compile no.")
     trainer.print(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, latents "
                   f"{unet.config.in_channels}x{unet.config.sample_size}x{unet.config.sample_size}, "
                   f"{objective.prediction_type} prediction, {noise_scheduler.config.beta_schedule} schedule")
 
     # 3. Data: cached VAE posteriors + text embeddings, or raw images and captions (--no_cache).
-    train_dataset = build_dataset(data, split="train")
+    train_dataset = build_dataset(data, split="train", grounding=grounding is not None)
+    if grounding is not None and not getattr(train_dataset, "has_masks", False):
+        trainer.print(f"{data.source} has no object masks (a {data.grounding_column!r} column of an imagefolder's "
+                      "metadata.jsonl, see docs/data.md): the grounding loss is off for this run.")
+        grounding = None
     record_stage_split(data, trainer.output_dir, trainer.is_main_process, who="train_unet.py",
                        frozen_runs={"--text_encoder": args.text_encoder, "--vae": args.vae})
     use_cache = not args.no_cache
@@ -89,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         use_cache = False
     if use_cache:
         shards = open_or_build_cache(config, trainer.accelerator, train_dataset, vae, text_encoder, tokenizer,
-                                     frozen_fingerprints, trainer.data_fingerprint)
+                                     frozen_fingerprints, trainer.data_fingerprint, grounding=grounding)
         cache = training_cache(shards, device, args.cache_on_device)
         held = cache is not shards  # on the device: the loader gives indices only, no worker needed
         if held:
@@ -107,6 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = trainer.accelerator.unwrap_model(unet)
     if args.enable_xformers_memory_efficient_attention:
         enable_memory_efficient_attention(model, trainer.print)
+    if grounding is not None:
+        objective.recorder = record_cross_attention(model)
+        trainer.print(f"Grounding loss on the cross-attention maps: token weight {args.grounding_token_weight}, "
+                      f"pixel weight {args.grounding_pixel_weight}.")
     trainer.track_ema(model, UNet2DConditionModel, "unet_ema")
 
     def pipeline(scheduler) -> LatentDiffusionPipeline:
@@ -152,12 +168,18 @@ def main(argv: list[str] | None = None) -> dict:
                 tokens = tokenize_prompts(tokenizer, ["" if drop else caption for caption, drop
                                                       in zip(batch["captions"], dropped.tolist())])
                 prompt_embeds = encode_prompts(text_encoder, tokens.input_ids, tokens.attention_mask)
-            loss = objective(unet, latents, prompt_embeds, generator, global_batch, rows)
+            targets = None
+            if grounding is not None:
+                targets = batch if use_cache else grounding(batch["captions"], batch.get("groundings") or
+                                                            [None] * len(batch["captions"]))
+                targets = {"grounding_tokens": torch.where(dropped[:, None], -1, targets["grounding_tokens"].to(device)),
+                           "grounding_masks": targets["grounding_masks"]}
+            loss = objective(unet, latents, prompt_embeds, generator, global_batch, rows, targets)
             trainer.backward(loss, unet)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        if trainer.end_micro_step(loss=loss, lr=lr_scheduler.get_last_lr()[0]):
+        if trainer.end_micro_step(loss=loss, lr=lr_scheduler.get_last_lr()[0], **objective.grounding_terms):
             if trainer.save_due(args.snapshot_steps):
                 snapshot()
             if trainer.validation_due():

@@ -54,6 +54,8 @@ from PIL import ExifTags, Image, ImageOps
 from ldm_pipeline.config import DataConfig, add_dataclass_arguments, config_hash
 
 from . import shapes
+from .grounding_column import read_grounding_column, row_grounding
+from .shapes_grounding import scene_grounding
 from .split import HELD_OUT_FILES, HELD_OUT_SLICE, OWN_SPLIT, SHAPES, held_out_rows, split_record
 from .file_checks import check_inside, check_one_layout, check_tar_shards, file_identity, load_local_dataset
 
@@ -162,12 +164,16 @@ def preprocess_image(image: Image.Image, resolution: int, random_crop: bool = Fa
 
 
 def collate_examples(items: list[dict]) -> dict:
-    """Stack items into ``{"pixel_values": [B, 3, H, W], "captions": list[str], "index": LongTensor[B]}``."""
-    return {
+    """Stack items into ``{"pixel_values": [B, 3, H, W], "captions": list[str], "index": LongTensor[B]}``, and
+    ``"groundings"`` (each item's list of ``(start, end, mask)``, or None) when any item has one."""
+    batch = {
         "pixel_values": torch.stack([item["pixel_values"] for item in items]).contiguous(),
         "captions": [item["caption"] for item in items],
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
     }
+    if any("grounding" in item for item in items):
+        batch["groundings"] = [item.get("grounding") for item in items]
+    return batch
 
 
 # --------------------------------------------------------------------------------------------- datasets
@@ -176,10 +182,16 @@ class ShapesTrainingDataset(torch.utils.data.Dataset):
     """The built-in shapes data as training items; each image is rendered on access (no cache needed)."""
 
     def __init__(self, num_samples: int, resolution: int, seed: int, split: str, random_flip: bool = False,
-                 categories: Sequence[str] | None = None, held_out_orders: float = 0.0):
+                 categories: Sequence[str] | None = None, held_out_orders: float = 0.0, grounding: bool = False):
         self.shapes = shapes.ShapesDataset(num_samples, resolution, seed=seed, split=split, categories=categories,
                                            held_out_orders=held_out_orders)
         self.random_flip = random_flip
+        self.grounding = grounding  # items carry each object word's span and mask (``shapes_grounding``)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether items carry object masks (``"grounding"``) for the grounding loss."""
+        return self.grounding
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -188,9 +200,14 @@ class ShapesTrainingDataset(torch.utils.data.Dataset):
         scene = self.shapes.scene(index)
         image, _ = shapes.render_scene(scene, self.shapes.resolution)
         pixels = image_to_tensor(image)
-        if self.random_flip and torch.rand(()) < 0.5:
+        flip = self.random_flip and torch.rand(()) < 0.5
+        if flip:
             pixels = pixels.flip(-1)
-        return {"pixel_values": pixels, "caption": scene.caption, "index": index}
+        item = {"pixel_values": pixels, "caption": scene.caption, "index": index}
+        if self.grounding:
+            item["grounding"] = [(start, end, mask[:, ::-1].copy() if flip else mask)
+                                 for start, end, mask in scene_grounding(scene, self.shapes.resolution)]
+        return item
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
@@ -210,7 +227,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, images, captions: list[str | None], rows: list[int], resolution: int,
-                 random_crop: bool = False, random_flip: bool = False, skip_bad_images: bool = False):
+                 random_crop: bool = False, random_flip: bool = False, skip_bad_images: bool = False,
+                 groundings: list[dict[str, str] | None] | None = None):
         uncaptioned = [row for row in rows if captions[row] is None]
         if uncaptioned and not skip_bad_images:
             raise ValueError(f"{images.describe(uncaptioned[0])} has no caption (its caption column is missing or "
@@ -224,10 +242,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.uncaptioned_rows = [images.describe(row) for row in uncaptioned]
         self.resolution, self.random_crop, self.random_flip = resolution, random_crop, random_flip
         self.skip_bad_images = skip_bad_images
+        self.groundings = groundings  # per row {word: mask file} (``grounding_column``), or None: no masks read
         self.unreadable = torch.zeros(len(self.rows), dtype=torch.uint8).share_memory_()  # 1: row found unreadable
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether items carry object masks (``"grounding"``, from the data's grounding column)."""
+        return self.groundings is not None
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self.rows)):
@@ -247,7 +271,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 self.unreadable[position] = 1
                 logger.warning("Skipping unreadable image %s (--skip_bad_images): %s", name, error)
                 continue
-            return {"pixel_values": pixels, "caption": self.captions[row], "index": index}
+            item = {"pixel_values": pixels, "caption": self.captions[row], "index": index}
+            if self.groundings is not None:
+                item["grounding"] = row_grounding(self.captions[row], self.groundings[row], self.resolution, name)
+            return item
         raise ValueError(f"None of the {len(self.rows)} images is readable (the first is "
                          f"{self._name(self.rows[0])}); check the image files.")
 
@@ -855,8 +882,10 @@ class _RowImages:
         return _image_source(self.values[row], None)[0], self.names[row]
 
 
-def build_dataset(data: DataConfig, split: str = "train") -> torch.utils.data.Dataset:
-    """The ``split`` ("train" or "validation") of the data ``data`` selects (see the module docstring)."""
+def build_dataset(data: DataConfig, split: str = "train", grounding: bool = False) -> torch.utils.data.Dataset:
+    """The ``split`` ("train" or "validation") of the data ``data`` selects (see the module docstring). With
+    ``grounding`` its items also carry each object word's span and mask (``"grounding"``, for the U-Net's
+    grounding loss)."""
     _check_split(split)
     if data.resolution is None:
         raise ValueError("resolution is not set: pass --resolution or set 'resolution' in the config's data section.")
@@ -872,11 +901,12 @@ def build_dataset(data: DataConfig, split: str = "train") -> torch.utils.data.Da
             count = min(count, max_train)
         categories, held_out_orders = (data.shapes_categories, data.shapes_held_out_orders) if split == "train" else (None, 0.0)
         return ShapesTrainingDataset(count, data.resolution, data.data_seed, split, data.random_flip, categories,
-                                     held_out_orders)
+                                     held_out_orders, grounding)
 
     if data.streaming:
         return _streaming_dataset(data, split)
     images, captions, held_out = _user_records(data, split)
+    groundings = _user_groundings(data, split) if grounding else None
     rows = list(range(len(images)))
     if held_out:
         held = held_out_rows(len(rows), data.num_held_out_samples, data.data_seed, data.source).tolist()
@@ -887,7 +917,23 @@ def build_dataset(data: DataConfig, split: str = "train") -> torch.utils.data.Da
     if not rows:
         raise ValueError(f"The {split} split of {data.source} has no images.")
     return ImageCaptionDataset(images, captions, rows, data.resolution, data.random_crop, data.random_flip,
-                               skip_bad_images=data.skip_bad_images)
+                               skip_bad_images=data.skip_bad_images, groundings=groundings)
+
+
+def _user_groundings(data: DataConfig, split: str) -> list[dict[str, str] | None] | None:
+    """Per row of `_user_records`' imagefolder (the same folder, the same row order), its ``grounding_column``;
+    None for data without masks (no such column, or not an imagefolder)."""
+    root = Path(data.train_data_dir) if data.train_data_dir else None
+    if root is None or data.streaming or _is_tar_folder(root) or not _is_imagefolder(root):
+        return None
+    folders = _split_folders(root)
+    folder = folders["train" if "validation" not in folders else split]
+    path, records = _read_metadata(folder)
+    groundings = read_grounding_column(records, folder, data.grounding_column, path)
+    if groundings is not None and (data.random_crop or data.random_flip):
+        raise ValueError("--random_crop / --random_flip would move the image but not its grounding masks: drop them "
+                         "or train without --grounding_token_weight / --grounding_pixel_weight.")
+    return groundings
 
 
 def _holds_out_files(data: DataConfig) -> bool:
